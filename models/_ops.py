@@ -1,0 +1,152 @@
+"""Shared maths of the unfolded models: proximal operators, the strided convolution pair, the power
+method and the shift-averaging ("MMSE approximation") of strided convolutional sparse coding.
+
+Nothing here knows about training, Ray, W&B or data loading.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class _SoftThreshold(torch.autograd.Function):
+    """S_θ(v) = v − clip(v, −θ, θ). Backward saves only the output: mask = S ≠ 0, sign(S) = sign(v)."""
+
+    @staticmethod
+    def forward(ctx, v: Tensor, theta: Tensor) -> Tensor:
+        out = v - torch.clamp(v, -theta, theta)  # two memory passes instead of sign·relu(|v|−θ)'s five
+        ctx.save_for_backward(out)
+        ctx.theta_shape = theta.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor | None]:
+        (out,) = ctx.saved_tensors
+        grad_v = grad * (out != 0)
+        grad_theta = None
+        if ctx.needs_input_grad[1]:
+            g = grad * torch.sign(out)  # ∂S/∂θ = −sign(v) where |v| > θ; sign(S) is 0 elsewhere
+            dims = [d for d in range(g.dim()) if ctx.theta_shape[d] == 1] if len(ctx.theta_shape) == g.dim() \
+                else list(range(g.dim()))
+            grad_theta = -g.sum(dim=dims, keepdim=True).reshape(ctx.theta_shape)
+        return grad_v, grad_theta
+
+
+def soft_threshold(v: Tensor, theta: Tensor | float) -> Tensor:
+    """S_θ(v) = sign(v)·max(|v| − θ, 0), the proximal operator of θ‖·‖₁ (θ ≥ 0, broadcast to v)."""
+    if not isinstance(theta, Tensor):
+        theta = torch.tensor(float(theta), dtype=v.dtype, device=v.device)
+    return _SoftThreshold.apply(v, theta.to(v.dtype))
+
+
+# --------------------------------------------------------------------------------------------------
+# The strided convolution pair, written as GEMM + im2col / col2im.
+#
+#   analysis  B: image (N, C, Ph, Pw) -> codes (N, K, h, w),   (Bx)[k, a, b] = Σ_{c,u,v} W[k,c,u,v]·x[c, s·a+u, s·b+v]
+#   synthesis A: codes (N, K, h, w)  -> image (N, C, Ph, Pw),  the adjoint of B for the same W.
+#
+# PyTorch's strided conv_transpose2d runs ~17x below the forward convolution on CPU
+# (../shared/notes/cpu-ceilings.md); one matmul followed by col2im (F.fold) reaches the GEMM rate
+# for both directions and keeps A exactly the adjoint of B.
+# --------------------------------------------------------------------------------------------------
+
+
+def conv_analysis(x: Tensor, weight: Tensor, stride: int, add: Tensor | None = None, alpha: float = 1.0) -> Tensor:
+    """``add + alpha·B x`` for a strided conv with ``weight`` (K, C, k, k); x (N, C, Ph, Pw) -> (N, K, h, w).
+
+    ``add`` (N, K, h, w) is fused into the GEMM (baddbmm), which saves a memory pass per unfolding.
+    """
+    n, _, ph, pw = x.shape
+    k_, kk = weight.shape[0], weight.shape[-1]
+    h, w = (ph - kk) // stride + 1, (pw - kk) // stride + 1
+    cols = F.unfold(x, kk, stride=stride)  # im2col: (N, C·k², h·w)
+    wb = weight.reshape(1, k_, -1).expand(n, -1, -1)  # (N, K, C·k²) view, no copy
+    if add is None:
+        codes = torch.bmm(wb, cols) if alpha == 1.0 else torch.bmm(wb, cols) * alpha
+    else:
+        codes = torch.baddbmm(add.reshape(n, k_, h * w), wb, cols, alpha=alpha)  # (N, K, h·w)
+    return codes.reshape(n, k_, h, w)
+
+
+def conv_synthesis(codes: Tensor, weight: Tensor, stride: int, out_hw: tuple[int, int]) -> Tensor:
+    """A γ = Bᵀ γ: codes (N, K, h, w) -> image (N, C, Ph, Pw) with Ph = s·(h−1)+k."""
+    n, k_, h, w = codes.shape
+    wt = weight.reshape(1, k_, -1).transpose(1, 2).expand(n, -1, -1)  # (N, C·k², K) view
+    cols = torch.bmm(wt, codes.reshape(n, k_, h * w))  # (N, C·k², h·w)
+    return F.fold(cols, out_hw, weight.shape[-1], stride=stride)  # col2im: (N, C, Ph, Pw)
+
+
+@torch.no_grad()
+def power_method(weight: Tensor, stride: int, size: int = 128, iters: int = 50, seed: int = 0) -> float:
+    """Largest eigenvalue L = ‖A‖₂² of AᵀA for the strided pair of ``weight``, by power iteration on a
+    random code map of a ``size``×``size`` image (CSCNet's conv_power_method uses 512², CDLNet 128²)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    k = weight.shape[-1]
+    h = (size - k) // stride + 1
+    out_hw = (stride * (h - 1) + k,) * 2
+    z = torch.randn(1, weight.shape[0], h, h, generator=g, dtype=torch.float64)
+    w64 = weight.detach().to("cpu", torch.float64)
+    lam = 0.0
+    for _ in range(iters):
+        z = z / z.norm()
+        az = conv_analysis(conv_synthesis(z, w64, stride, out_hw), w64, stride)  # AᵀA z
+        lam = float((z * az).sum())
+        z = az
+    return lam
+
+
+# --------------------------------------------------------------------------------------------------
+# Shift-averaging. With stride s the code grid sees only 1/s² of the pixel positions; CSCNet runs the
+# network on all s² shifted copies of the (reflect-padded) input and averages the aligned outputs.
+# Here the s² shifts are windows of ONE padded image, stacked into the batch dimension, and the
+# average is one gather + mean (no per-shift padding, no masks).
+# --------------------------------------------------------------------------------------------------
+
+
+def shift_geometry(h: int, w: int, kernel: int, stride: int) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) padding so that (size + pads − k) is a multiple of s, with a margin of
+    s on each side (the official CSCNet calc_pad_sizes)."""
+    def pads(n: int) -> tuple[int, int]:
+        lead = stride
+        trail = (-(n + lead - kernel)) % stride + stride
+        return lead, trail
+
+    top, bottom = pads(h)
+    left, right = pads(w)
+    return top, bottom, left, right
+
+
+def _pad(x: Tensor, pads: tuple[int, int, int, int]) -> Tensor:
+    mode = "reflect" if max(pads[:2]) < x.shape[-1] and max(pads[2:]) < x.shape[-2] else "replicate"
+    return F.pad(x, pads, mode=mode)
+
+
+def shift_stack(y: Tensor, kernel: int, stride: int) -> Tensor:
+    """y (B, C, H, W) -> the s² shifted, padded copies (B·s², C, Ph, Pw), shift index = i·s + j."""
+    b, c, h, w = y.shape
+    top, bottom, left, right = shift_geometry(h, w, kernel, stride)
+    ph, pw = h + top + bottom, w + left + right
+    big = _pad(y, (left, right + stride - 1, top, bottom + stride - 1))  # (B, C, Ph+s−1, Pw+s−1)
+    # Window (i, j) of `big` equals y padded with (top − i, bottom + i, left − j, right + j).
+    win = big.unfold(2, ph, 1).unfold(3, pw, 1)  # (B, C, s, s, Ph, Pw) view, no copy
+    return win.permute(0, 2, 3, 1, 4, 5).reshape(b * stride * stride, c, ph, pw)
+
+
+def shift_average(x: Tensor, h: int, w: int, kernel: int, stride: int) -> Tensor:
+    """Inverse of :func:`shift_stack`: crop every shift's output back onto the H×W image and average.
+
+    x (B·s², C, Ph, Pw) -> (B, C, H, W). Shift (i, j) sees pixel (r, c) at (top − i + r, left − j + c).
+    """
+    s = stride
+    top, _, left, _ = shift_geometry(h, w, kernel, stride)
+    b = x.shape[0] // (s * s)
+    x = x.reshape(b, s, s, x.shape[1], x.shape[2], x.shape[3]).transpose(1, 3).transpose(2, 3)
+    # x: (B, C, s, s, Ph, Pw) view
+    ar = torch.arange(s, device=x.device)
+    rows = (top - ar)[:, None] + torch.arange(h, device=x.device)  # (s, H)
+    cols = (left - ar)[:, None] + torch.arange(w, device=x.device)  # (s, W)
+    out = x[:, :, ar[:, None, None, None], ar[None, :, None, None],
+            rows[:, None, :, None], cols[None, :, None, :]]  # (B, C, s, s, H, W): one gather
+    return out.mean(dim=(2, 3))

@@ -1,0 +1,128 @@
+r"""CSCNet: convolutional LISTA with strided dictionaries and shift-averaging (Simon & Elad, NeurIPS 2019).
+
+Problem (convolutional sparse coding of the noisy image y, then x̂ = D γ̂):
+
+    γ̂ = argmin_γ ½‖y − A γ‖²₂ + ‖θ ⊙ γ‖₁,      A = Σ_k d_k ⊛_s (·)   (K filters k×k, stride s)
+
+Classical iteration (ISTA, step 1/L with L = ‖A‖²₂ from the power method):
+
+    γ_{t+1} = S_{θ/L}( γ_t − (1/L) Aᵀ(A γ_t − y) )
+
+Learned iteration (T unfoldings, weights tied across t, three separate filter banks A, B, C; the step
+1/L is absorbed into the weights, all three initialized to the same random bank divided by √L):
+
+    γ_0     = S_θ(B y)                                   (Eq. 1)
+    γ_{t+1} = S_θ(γ_t − B(A γ_t − y)),  t = 0..T−2       (Eq. 2)
+    x̂      = C γ_{T−1}                                   (Eq. 3)
+
+Strided filters see 1/s² of the pixel grid, so the network runs on the s² shifted copies of the
+reflect-padded input and averages the aligned outputs (the paper's "MMSE approximation", Eq. 4).
+Here the shifts are windows of one padded image stacked into the batch dimension, and A/B are a GEMM
+plus col2im/im2col, which keeps A the exact adjoint of B (see ``_ops.py``).
+
+Symbol → attribute:
+
+    ==========  =============================  ===================================
+    symbol      attribute                      shape
+    ==========  =============================  ===================================
+    A           ``self.A`` (synthesis)         (K, C, k, k)
+    B           ``self.B`` (analysis)          (K, C, k, k)
+    C           ``self.C`` (final decoder)     (K, C, k, k)
+    θ           ``self.threshold``             (K,)  one per filter, shared by all t
+    T           ``config.depth``               number of soft-threshold applications
+    K, k, s     ``filters, kernel_size, stride``
+    ==========  =============================  ===================================
+
+Paper configuration: T=12, K=175, k=11, s=8 → 3·175·121 + 175 = 63,700 parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from sparsefold.config import check
+from sparsefold.models._ops import (
+    conv_analysis,
+    conv_synthesis,
+    power_method,
+    shift_average,
+    shift_stack,
+    soft_threshold,
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CSCNetConfig:
+    """Hyperparameters of :class:`CSCNet` (defaults: the paper's σ=25 configuration)."""
+
+    name: str = "cscnet"
+    depth: int = 12
+    filters: int = 175
+    kernel_size: int = 11
+    stride: int = 8
+    channels: int = 1
+    threshold_init: float = 0.01
+    init_seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(self.depth >= 1, "depth", f"must be >= 1, got {self.depth}")
+        check(self.filters >= 1, "filters", f"must be >= 1, got {self.filters}")
+        check(self.kernel_size >= 1, "kernel_size", f"must be >= 1, got {self.kernel_size}")
+        check(1 <= self.stride <= self.kernel_size, "stride",
+              f"must be in [1, kernel_size={self.kernel_size}], got {self.stride}")
+        check(self.channels in (1, 3), "channels", f"must be 1 or 3, got {self.channels}")
+        check(self.threshold_init >= 0, "threshold_init", f"must be >= 0, got {self.threshold_init}")
+
+
+class CSCNet(nn.Module):
+    """Tied convolutional LISTA with separate A, B, C and shift-averaging. See the module docstring."""
+
+    def __init__(self, config: CSCNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        K, C, k = config.filters, config.channels, config.kernel_size
+        g = torch.Generator().manual_seed(config.init_seed)
+        w = torch.randn(K, C, k, k, generator=g)
+        w = w / power_method(w, config.stride, size=max(128, 4 * k)) ** 0.5  # ‖A‖₂ = 1, i.e. step 1/L absorbed
+        self.A = nn.Parameter(w.clone())  # synthesis inside the loop
+        self.B = nn.Parameter(w.clone())  # analysis
+        self.C = nn.Parameter(w.clone())  # final decoder
+        self.threshold = nn.Parameter(torch.full((K,), config.threshold_init))
+
+    # ------------------------------------------------------------------ the unfolded iteration
+    def sparse_code(self, ys: Tensor, depth: int | None = None) -> list[Tensor]:
+        """Codes γ_0..γ_{T−1} of padded inputs ys (N, C, Ph, Pw); each (N, K, h, w)."""
+        s, T = self.config.stride, depth or self.config.depth
+        theta = self.threshold.view(1, -1, 1, 1)  # (1, K, 1, 1)
+        hw = ys.shape[-2:]
+        By = conv_analysis(ys, self.B, s)  # (N, K, h, w), computed once
+        gammas = [soft_threshold(By, theta)]  # Eq. (1)
+        for _ in range(T - 1):
+            g = gammas[-1]
+            Ag = conv_synthesis(g, self.A, s, hw)  # A γ_t: (N, C, Ph, Pw)
+            v = conv_analysis(Ag, self.B, s, add=g + By, alpha=-1.0)  # γ_t − B(Aγ_t − y), fused
+            gammas.append(soft_threshold(v, theta))  # Eq. (2)
+        return gammas
+
+    def forward(self, y: Tensor) -> Tensor:
+        """y (B, C, H, W) noisy -> x̂ (B, C, H, W)."""
+        cfg = self.config
+        h, w = y.shape[-2:]
+        ys = shift_stack(y, cfg.kernel_size, cfg.stride)  # (B·s², C, Ph, Pw)
+        gamma = self.sparse_code(ys)[-1]  # (B·s², K, h', w')
+        xs = conv_synthesis(gamma, self.C, cfg.stride, ys.shape[-2:])  # Eq. (3): (B·s², C, Ph, Pw)
+        return shift_average(xs, h, w, cfg.kernel_size, cfg.stride)  # Eq. (4): (B, C, H, W)
+
+    # ------------------------------------------------------------------ monitoring
+    def dictionary(self) -> Tensor:
+        """The learned decoder atoms C, (K, C, k, k), for visualization."""
+        return self.C.detach()
+
+    @torch.no_grad()
+    def code_sparsity(self, y: Tensor) -> list[float]:
+        """Fraction of non-zero codes after each unfolding, for a batch y."""
+        ys = shift_stack(y, self.config.kernel_size, self.config.stride)
+        return [float((g != 0).float().mean()) for g in self.sparse_code(ys)]

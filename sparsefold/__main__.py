@@ -1,0 +1,3 @@
+from sparsefold.cli import main
+
+raise SystemExit(main())

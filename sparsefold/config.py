@@ -1,0 +1,334 @@
+"""Typed, frozen run configuration, validated before any cluster resource is requested.
+
+A run is described by one :class:`RunConfig` made of one frozen dataclass per component
+(``data``, ``noise``, ``model``, ``optim``, ``trainer``, ``wandb``). It is built from a YAML file
+plus dotted ``key=value`` overrides (``model.depth=8 trainer.max_steps=50``); an unknown key, a
+wrong type or an impossible value raises :class:`ConfigError` with one line naming the field.
+
+The ``model`` section's fields depend on ``model.name``: each registered model brings its own
+frozen config dataclass (see :data:`sparsefold.models.MODELS`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value. ``str(err)`` is one line that names the field."""
+
+
+def check(ok: bool, name: str, msg: str) -> None:
+    """Raise ``ConfigError("<name>: <msg>")`` unless ``ok`` (used in ``__post_init__``)."""
+    if not ok:
+        raise ConfigError(f"{name}: {msg}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoiseConfig:
+    """Noise synthesized on the fly, per sample.
+
+    ``gaussian``: y = x + σ/255·n, σ fixed, or σ ~ U[sigma, sigma_max] per image when ``sigma_max`` is set.
+    ``poisson``:  y = Poisson(peak·x) / peak.   ``binomial``: y = Binomial(trials, x) / trials.
+    """
+
+    kind: str = "gaussian"
+    sigma: float = 25.0
+    sigma_max: float | None = None
+    peak: float = 4.0
+    trials: int = 1
+
+    def __post_init__(self) -> None:
+        check(self.kind in ("gaussian", "poisson", "binomial"), "kind", f"unknown noise kind {self.kind!r}")
+        check(self.sigma >= 0, "sigma", f"must be >= 0, got {self.sigma}")
+        if self.sigma_max is not None:
+            check(self.sigma_max >= self.sigma, "sigma_max", f"must be >= sigma ({self.sigma}), got {self.sigma_max}")
+        check(self.peak > 0, "peak", f"must be > 0, got {self.peak}")
+        check(self.trials >= 1, "trials", f"must be >= 1, got {self.trials}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where images come from and how they are cut.
+
+    ``train`` is a WebDataset shard URL (``dir/train-{000000..000009}.tar``, ``file://``, ``s3://``,
+    ``gs://`` through fsspec), a folder holding shards (its ``index.json``), an image folder (shards
+    are built once into ``cache_dir``), or ``builtin:skimage`` (scikit-image's bundled photos).
+    ``val`` is an image folder (or ``builtin:skimage``) scored on whole images with seeded noise.
+    """
+
+    train: str = "builtin:skimage"
+    val: str = "builtin:skimage"
+    val_images: int = 4
+    patch_size: int = 128
+    batch_size: int = 4
+    num_workers: int = 1
+    shuffle_buffer: int = 64
+    crops_per_image: int = 1
+    resampled: bool = False
+    epoch_batches: int = 0
+    gray: bool = True
+    allow_pipe: bool = False
+    shard_size: int = 100
+    cache_dir: str = ""
+
+    def __post_init__(self) -> None:
+        check(bool(self.train), "train", "must name shards, an image folder or builtin:skimage")
+        check(self.patch_size >= 16, "patch_size", f"must be >= 16, got {self.patch_size}")
+        check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        check(self.val_images >= 0, "val_images", f"must be >= 0, got {self.val_images}")
+        check(self.shuffle_buffer >= 0, "shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
+        check(self.crops_per_image >= 1, "crops_per_image", f"must be >= 1, got {self.crops_per_image}")
+        check(self.epoch_batches >= 0, "epoch_batches", f"must be >= 0, got {self.epoch_batches}")
+        check(self.shard_size >= 1, "shard_size", f"must be >= 1, got {self.shard_size}")
+        if self.train.startswith("pipe:"):
+            check(self.allow_pipe, "train", "pipe: URLs run a shell command; set data.allow_pipe=true to allow them")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """Adam with a warm-up and a cosine / step / constant schedule."""
+
+    lr: float = 1e-3
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.05
+    step_size: int = 1000
+    gamma: float = 0.5
+    grad_clip: float = 0.0
+
+    def __post_init__(self) -> None:
+        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        check(self.eps > 0, "eps", f"must be > 0, got {self.eps}")
+        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check(self.schedule in ("constant", "cosine", "step"), "schedule", f"unknown schedule {self.schedule!r}")
+        check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        check(self.step_size >= 1, "step_size", f"must be >= 1, got {self.step_size}")
+        check(0 < self.gamma <= 1, "gamma", f"must be in (0, 1], got {self.gamma}")
+        check(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainerConfig:
+    """Steps, checkpoints, and where the run executes (plain process or Ray Train DDP)."""
+
+    max_steps: int = 1000
+    val_every: int = 200
+    ckpt_every: int = 200
+    log_every: int = 10
+    use_ray: bool = False
+    workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    amp: bool = True
+    output_dir: str = "runs"
+    run_name: str = ""
+    resume: bool = True
+    seed: int = 0
+    progress: bool = True
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        check(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
+        check(self.val_every >= 1, "val_every", f"must be >= 1, got {self.val_every}")
+        check(self.ckpt_every >= 1, "ckpt_every", f"must be >= 1, got {self.ckpt_every}")
+        check(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
+        check(self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")
+        check(self.cpus_per_worker > 0, "cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+        check(self.threads >= 0, "threads", f"must be >= 0, got {self.threads}")
+        check(self.workers == 1 or self.use_ray, "workers", "more than 1 worker needs trainer.use_ray=true")
+        check("/" not in self.run_name, "run_name", "must not contain '/'")
+
+
+@dataclass(frozen=True, kw_only=True)
+class WandbConfig:
+    """W&B logging from rank 0. ``auto``: online when WANDB_API_KEY is set, offline otherwise."""
+
+    mode: str = "auto"
+    project: str = "sparsefold"
+    entity: str = ""
+    group: str = ""
+    tags: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check(self.mode in ("auto", "online", "offline", "disabled"), "mode", f"unknown mode {self.mode!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """The whole run. ``model`` is the config dataclass of the model named by ``model.name``."""
+
+    model: Any
+    data: DataConfig = field(default_factory=DataConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "RunConfig":
+        return run_config_from_dict(d)
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "noise": NoiseConfig,
+    "optim": OptimConfig,
+    "trainer": TrainerConfig,
+    "wandb": WandbConfig,
+}
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain JSON/YAML-able dict of a (nested) config dataclass."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            v = to_dict(v)
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[f.name] = v
+    return out
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; accept ints for floats and strings from the CLI."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, name)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{name}: bad value {value!r}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        (inner, *_rest) = typing.get_args(tp) or (str,)
+        return tuple(_coerce(v, inner, name) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{name}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{name}: expected a string, got {value!r}")
+    return value
+
+
+def dataclass_from_dict(cls: type, d: dict[str, Any], prefix: str) -> Any:
+    """Build the frozen dataclass ``cls`` from ``d``; errors name ``<prefix>.<field>``."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{prefix}: expected a mapping, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"{prefix}.{unknown[0]}: unknown key (valid: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}") for k, v in d.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{prefix}.{e}") from None
+
+
+def run_config_from_dict(d: dict[str, Any]) -> RunConfig:
+    from sparsefold.models import MODELS  # late: models import torch
+
+    d = dict(d or {})
+    unknown = sorted(set(d) - set(SECTIONS) - {"model"})
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown section (valid: model, {', '.join(SECTIONS)})")
+    model = dict(d.get("model") or {})
+    name = model.get("name", "cscnet")
+    if name not in MODELS:
+        raise ConfigError(f"model.name: unknown model {name!r} (registered: {', '.join(sorted(MODELS))})")
+    model["name"] = name
+    kwargs = {"model": dataclass_from_dict(MODELS[name].config, model, "model")}
+    for key, cls in SECTIONS.items():
+        kwargs[key] = dataclass_from_dict(cls, d.get(key) or {}, key)
+    return RunConfig(**kwargs)
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings to a nested dict (values parsed as YAML scalars)."""
+    d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (d or {}).items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{item}: overrides look like section.key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"{key}: overrides look like section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        section = d.setdefault(parts[0], {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"{parts[0]}: expected a mapping")
+        if parts[0] == "model" and parts[1] == "name" and section.get("name") not in (None, value):
+            section = d[parts[0]] = {}  # a different model: its fields start from its defaults
+        section[parts[1]] = value
+    return d
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """YAML file (optional) + dotted overrides -> validated :class:`RunConfig`."""
+    d: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config: no such file {str(p)!r}")
+        d = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(d, dict):
+            raise ConfigError(f"config: {p} must hold a mapping")
+    return run_config_from_dict(apply_overrides(d, overrides or []))
