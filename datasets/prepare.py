@@ -15,6 +15,7 @@ import hashlib
 import re
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from sparsefold.datasets.images import (
@@ -88,7 +89,14 @@ def train_urls(data: DataConfig) -> list[str]:
 
 def val_files(data: DataConfig) -> list[Path]:
     """Sorted validation image files of ``data.val`` (for ``builtin:skimage``: the held-out photos
-    of :func:`split_builtin`).  All of them; the caller applies ``data.val_images``."""
+    of :func:`split_builtin`).  All of them; the caller applies ``data.val_images``.
+    ``A|B`` names fallbacks: the first folder that exists is used (``../shared/data/set12|builtin:skimage``)."""
+    if "|" in data.val:
+        options = [o.strip() for o in data.val.split("|") if o.strip()]
+        for o in options[:-1]:
+            if o == "builtin:skimage" or (Path(o).expanduser().is_dir() and list_images(Path(o).expanduser())):
+                return val_files(replace(data, val=o))
+        return val_files(replace(data, val=options[-1]))
     if data.val == "builtin:skimage":
         folder = builtin_skimage_dir(cache_root(data), gray=data.gray)
         return split_builtin(list_images(folder))[1]

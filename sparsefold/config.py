@@ -127,10 +127,12 @@ class TrainerConfig:
     val_every: int = 200
     ckpt_every: int = 200
     log_every: int = 10
+    keep_checkpoints: int = 3
     use_ray: bool = False
     workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    max_failures: int = 0
     amp: bool = True
     output_dir: str = "runs"
     run_name: str = ""
@@ -144,8 +146,10 @@ class TrainerConfig:
         check(self.val_every >= 1, "val_every", f"must be >= 1, got {self.val_every}")
         check(self.ckpt_every >= 1, "ckpt_every", f"must be >= 1, got {self.ckpt_every}")
         check(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
+        check(self.keep_checkpoints >= 0, "keep_checkpoints", f"must be >= 0 (0 keeps all), got {self.keep_checkpoints}")
         check(self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")
         check(self.cpus_per_worker > 0, "cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+        check(self.max_failures >= -1, "max_failures", f"must be >= -1 (-1 retries forever), got {self.max_failures}")
         check(self.threads >= 0, "threads", f"must be >= 0, got {self.threads}")
         check(self.workers == 1 or self.use_ray, "workers", "more than 1 worker needs trainer.use_ray=true")
         check("/" not in self.run_name, "run_name", "must not contain '/'")
