@@ -18,6 +18,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from sparsefold.config import DataConfig
 from sparsefold.datasets.images import (
     builtin_skimage_dir,
     default_cache_dir,
@@ -26,8 +27,6 @@ from sparsefold.datasets.images import (
     split_builtin,
 )
 from sparsefold.datasets.shards import expand_urls, write_shards
-
-from sparsefold.config import DataConfig
 
 __all__ = ["cache_root", "train_urls", "val_files"]
 

@@ -29,12 +29,12 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
-from sparsefold.datasets.noise import add_noise
-from sparsefold.datasets.patches import decode_image, random_crops, stable_seed
-from sparsefold.datasets.shards import ensure_url_schemes
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sparsefold.config import DataConfig, NoiseConfig
+from sparsefold.datasets.noise import add_noise
+from sparsefold.datasets.patches import decode_image, random_crops, stable_seed
+from sparsefold.datasets.shards import ensure_url_schemes
 
 __all__ = ["PatchStream", "check_shard_count", "iterate_forever", "make_loader"]
 

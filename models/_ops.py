@@ -12,25 +12,27 @@ from torch import Tensor
 
 
 class _SoftThreshold(torch.autograd.Function):
-    """S_θ(v) = v − clip(v, −θ, θ). Backward saves only the output: mask = S ≠ 0, sign(S) = sign(v)."""
+    """S_θ(v) = v − clip(v, −θ⁺, θ⁺) with θ⁺ = max(θ, 0) (a negative threshold means no shrinkage).
+
+    Backward saves only the output: the mask is S ≠ 0 and sign(S) = sign(v) there.
+    """
 
     @staticmethod
     def forward(ctx, v: Tensor, theta: Tensor) -> Tensor:
-        out = v - torch.clamp(v, -theta, theta)  # two memory passes instead of sign·relu(|v|−θ)'s five
-        ctx.save_for_backward(out)
-        ctx.theta_shape = theta.shape
+        th = theta.clamp_min(0)
+        out = v - torch.clamp(v, -th, th)  # two memory passes instead of sign·relu(|v|−θ)'s five
+        ctx.save_for_backward(out, theta)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor | None]:
-        (out,) = ctx.saved_tensors
+        out, theta = ctx.saved_tensors
         grad_v = grad * (out != 0)
         grad_theta = None
         if ctx.needs_input_grad[1]:
-            g = grad * torch.sign(out)  # ∂S/∂θ = −sign(v) where |v| > θ; sign(S) is 0 elsewhere
-            dims = [d for d in range(g.dim()) if ctx.theta_shape[d] == 1] if len(ctx.theta_shape) == g.dim() \
-                else list(range(g.dim()))
-            grad_theta = -g.sum(dim=dims, keepdim=True).reshape(ctx.theta_shape)
+            # ∂S/∂θ = −sign(v)·1{|v| > θ} for θ > 0 (sign(S) is 0 elsewhere), 0 for θ < 0;
+            # summed over the axes θ was broadcast along.
+            grad_theta = -(grad * torch.sign(out)).sum_to_size(theta.shape) * (theta > 0)
         return grad_v, grad_theta
 
 
@@ -79,9 +81,11 @@ def conv_synthesis(codes: Tensor, weight: Tensor, stride: int, out_hw: tuple[int
 
 
 @torch.no_grad()
-def power_method(weight: Tensor, stride: int, size: int = 128, iters: int = 50, seed: int = 0) -> float:
+def power_method(weight: Tensor, stride: int, size: int = 128, iters: int = 500, seed: int = 0,
+                 tol: float = 1e-7) -> float:
     """Largest eigenvalue L = ‖A‖₂² of AᵀA for the strided pair of ``weight``, by power iteration on a
-    random code map of a ``size``×``size`` image (CSCNet's conv_power_method uses 512², CDLNet 128²)."""
+    random code map of a ``size``×``size`` image (CSCNet's conv_power_method uses 512², CDLNet 128²);
+    stops when the estimate changes by less than ``tol`` (relative) or after ``iters`` iterations."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     k = weight.shape[-1]
     h = (size - k) // stride + 1
@@ -92,8 +96,11 @@ def power_method(weight: Tensor, stride: int, size: int = 128, iters: int = 50, 
     for _ in range(iters):
         z = z / z.norm()
         az = conv_analysis(conv_synthesis(z, w64, stride, out_hw), w64, stride)  # AᵀA z
-        lam = float((z * az).sum())
-        z = az
+        new = float((z * az).sum())  # Rayleigh quotient
+        done = abs(new - lam) <= tol * abs(new)
+        lam, z = new, az
+        if done:
+            break
     return lam
 
 

@@ -93,9 +93,13 @@ class CSCNet(nn.Module):
         self.threshold = nn.Parameter(torch.full((K,), config.threshold_init))
 
     # ------------------------------------------------------------------ the unfolded iteration
-    def sparse_code(self, ys: Tensor, depth: int | None = None) -> list[Tensor]:
-        """Codes γ_0..γ_{T−1} of padded inputs ys (N, C, Ph, Pw); each (N, K, h, w)."""
-        s, T = self.config.stride, depth or self.config.depth
+    def sparse_code(self, ys: Tensor, depth: int | None = None, keep_all: bool = True) -> list[Tensor]:
+        """Codes γ_0..γ_{T−1} of padded inputs ys (N, C, Ph, Pw); each (N, K, h, w).
+        ``keep_all=False`` returns only [γ_{T−1}] and frees the earlier codes (inference memory)."""
+        s = self.config.stride
+        T = self.config.depth if depth is None else depth
+        if T < 1:
+            raise ValueError(f"depth must be >= 1, got {T}")
         theta = self.threshold.view(1, -1, 1, 1)  # (1, K, 1, 1)
         hw = ys.shape[-2:]
         By = conv_analysis(ys, self.B, s)  # (N, K, h, w), computed once
@@ -105,6 +109,8 @@ class CSCNet(nn.Module):
             Ag = conv_synthesis(g, self.A, s, hw)  # A γ_t: (N, C, Ph, Pw)
             v = conv_analysis(Ag, self.B, s, add=g + By, alpha=-1.0)  # γ_t − B(Aγ_t − y), fused
             gammas.append(soft_threshold(v, theta))  # Eq. (2)
+            if not keep_all:
+                del gammas[0]
         return gammas
 
     def forward(self, y: Tensor) -> Tensor:
@@ -112,7 +118,7 @@ class CSCNet(nn.Module):
         cfg = self.config
         h, w = y.shape[-2:]
         ys = shift_stack(y, cfg.kernel_size, cfg.stride)  # (B·s², C, Ph, Pw)
-        gamma = self.sparse_code(ys)[-1]  # (B·s², K, h', w')
+        gamma = self.sparse_code(ys, keep_all=False)[-1]  # (B·s², K, h', w')
         xs = conv_synthesis(gamma, self.C, cfg.stride, ys.shape[-2:])  # Eq. (3): (B·s², C, Ph, Pw)
         return shift_average(xs, h, w, cfg.kernel_size, cfg.stride)  # Eq. (4): (B, C, H, W)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from sparsefold.config import check
@@ -32,6 +33,7 @@ class DnCNNConfig:
     depth: int = 17
     features: int = 64
     channels: int = 1
+    init_seed: int = 0
 
     def __post_init__(self) -> None:
         check(self.depth >= 2, "depth", f"must be >= 2, got {self.depth}")
@@ -51,9 +53,10 @@ class DnCNN(nn.Module):
             layers += [nn.Conv2d(f, f, 3, padding=1, bias=False), nn.BatchNorm2d(f), nn.ReLU(inplace=True)]
         layers.append(nn.Conv2d(f, c, 3, padding=1, bias=False))  # layer D
         self.body = nn.Sequential(*layers)
+        g = torch.Generator().manual_seed(config.init_seed)  # weights depend on the config only
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.orthogonal_(m.weight)  # as the official PyTorch port
+                nn.init.orthogonal_(m.weight, generator=g)  # as the official PyTorch port
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 

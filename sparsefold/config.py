@@ -184,7 +184,7 @@ class RunConfig:
         return to_dict(self)
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> "RunConfig":
+    def from_dict(d: dict[str, Any]) -> RunConfig:
         return run_config_from_dict(d)
 
 

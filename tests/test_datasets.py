@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from sparsefold.config import DataConfig, NoiseConfig
 from sparsefold.datasets import (
     PatchStream,
     add_noise,
@@ -32,8 +34,6 @@ from sparsefold.datasets import (
     train_urls,
     write_shards,
 )
-
-from sparsefold.config import DataConfig, NoiseConfig
 
 N_IMAGES, H, W = 40, 40, 48
 

@@ -115,10 +115,6 @@ def test_soft_threshold_gradcheck(theta_shape: tuple[int, ...]) -> None:
     assert torch.autograd.gradcheck(soft_threshold, (v, theta), eps=1e-6, atol=1e-8)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "models/_ops._SoftThreshold.backward: when θ has fewer dims than v, or as many dims with no size-1 "
-    "axis, it sums grad·sign over ALL dims (g.sum(dim=[]) reduces everything) and reshape to θ's shape "
-    "fails; soft_threshold's docstring promises any θ that broadcasts to v"))
 @pytest.mark.parametrize("theta_shape", [(4, 1, 1), (5,), (2, 4, 3, 5)], ids=["3d", "last-dim", "elementwise"])
 def test_soft_threshold_gradcheck_other_broadcasts(theta_shape: tuple[int, ...]) -> None:
     theta = (torch.rand(theta_shape, generator=gen(5), dtype=f64) * 0.6 + 0.2).requires_grad_()
@@ -126,11 +122,8 @@ def test_soft_threshold_gradcheck_other_broadcasts(theta_shape: tuple[int, ...])
     assert torch.autograd.gradcheck(_SoftThreshold.apply, (v, theta), eps=1e-6, atol=1e-8)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "models/_ops._SoftThreshold with θ < 0 (nothing keeps CSCNet.threshold >= 0 during training): forward "
-    "clamp(v, -θ, θ) with min > max returns v − θ, but backward uses −sign(out) for ∂S/∂θ, which is wrong "
-    "wherever v − θ < 0; the forward also differs from sign(v)·max(|v| − θ, 0) and from the official code"))
 def test_soft_threshold_gradcheck_negative_theta() -> None:
+    """θ < 0 means no shrinkage (θ⁺ = 0): S(v) = v and ∂S/∂θ = 0 there; gradcheck agrees."""
     theta = torch.tensor([-0.1, 0.2, -0.3, 0.4], dtype=f64).view(1, 4, 1, 1).requires_grad_()
     v = away_from_kink((2, 4, 3, 5), theta.detach().abs(), seed=20)
     v = torch.where((v - theta.detach()).abs() < 1e-2, v + 0.05, v).requires_grad_()

@@ -30,10 +30,7 @@ NAMES = sorted(MODELS)
 
 # DnCNN has no seed in its config: nn.init.orthogonal_ draws from torch's global RNG, so two builds of
 # the same DnCNNConfig differ unless the caller seeds torch first (CSCNet seeds from config.init_seed).
-CONFIG_ONLY_INIT_XFAIL = {
-    "dncnn": "DnCNN init draws from the global torch RNG (no init_seed in DnCNNConfig): "
-             "build_model(cfg) is not a function of cfg",
-}
+CONFIG_ONLY_INIT_XFAIL: dict[str, str] = {}  # models whose init is not a function of the config
 
 
 def small_config(name: str) -> Any:

@@ -14,9 +14,10 @@ import math
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,7 +26,12 @@ from sparsefold.config import RunConfig, to_dict
 from sparsefold.datasets import PatchStream, check_shard_count, make_loader, train_urls, val_files
 from sparsefold.models import build_model, count_parameters
 from sparsefold.runtime import select_runtime
-from sparsefold.trainers.checkpoint import latest_checkpoint, load_training_state, prune_checkpoints, save_checkpoint
+from sparsefold.trainers.checkpoint import (
+    latest_checkpoint,
+    load_training_state,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from sparsefold.trainers.evaluate import evaluate_images
 from sparsefold.trainers.tracking import make_tracker, model_panels
 
