@@ -50,8 +50,9 @@ def soft_threshold(v: Tensor, theta: Tensor | float) -> Tensor:
 #   synthesis A: codes (N, K, h, w)  -> image (N, C, Ph, Pw),  the adjoint of B for the same W.
 #
 # PyTorch's strided conv_transpose2d runs ~17x below the forward convolution on CPU
-# (../shared/notes/cpu-ceilings.md); one matmul followed by col2im (F.fold) reaches the GEMM rate
-# for both directions and keeps A exactly the adjoint of B.
+# (../shared/notes/cpu-ceilings.md), and both convolutions' backward passes are slow too; one batched
+# GEMM plus col2im (F.fold) / im2col (F.unfold) is 2-8x faster for A, and for B's forward+backward
+# (measured on the CSCNet shapes). Without autograd, B uses F.conv2d, whose forward is faster.
 # --------------------------------------------------------------------------------------------------
 
 
@@ -60,6 +61,12 @@ def conv_analysis(x: Tensor, weight: Tensor, stride: int, add: Tensor | None = N
 
     ``add`` (N, K, h, w) is fused into the GEMM (baddbmm), which saves a memory pass per unfolding.
     """
+    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        # Inference: the library's forward convolution is the fastest B (its backward is not, see above).
+        out = F.conv2d(x, weight, stride=stride)  # (N, K, h, w)
+        if add is None:
+            return out if alpha == 1.0 else out * alpha
+        return torch.add(add, out, alpha=alpha)
     n, _, ph, pw = x.shape
     k_, kk = weight.shape[0], weight.shape[-1]
     h, w = (ph - kk) // stride + 1, (pw - kk) // stride + 1

@@ -429,3 +429,17 @@ def test_dncnn_subtracts_the_predicted_noise() -> None:
         v = model.body(y)
         assert v.abs().max() > 1e-3
         torch.testing.assert_close(model(y), y - v, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("k, s", [(7, 2), (11, 8), (5, 1)])
+def test_conv_analysis_gemm_path_equals_conv2d(k: int, s: int) -> None:
+    """With autograd on, B runs as im2col + batched GEMM; without, as F.conv2d. Both must agree."""
+    g = gen(31)
+    weight = torch.randn(5, 1, k, k, generator=g, dtype=f64, requires_grad=True)
+    x = torch.randn(2, 1, 3 * k + 2, 2 * k + 5, generator=g, dtype=f64, requires_grad=True)
+    add = torch.randn(F.conv2d(x, weight, stride=s).shape, generator=g, dtype=f64)
+    gemm = conv_analysis(x, weight, s, add=add, alpha=-0.5)
+    with torch.no_grad():
+        fast = conv_analysis(x, weight, s, add=add, alpha=-0.5)
+    torch.testing.assert_close(gemm.detach(), fast, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast, add - 0.5 * F.conv2d(x, weight, stride=s).detach(), rtol=1e-12, atol=1e-12)

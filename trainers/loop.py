@@ -73,6 +73,14 @@ def lr_at(step: int, cfg: RunConfig) -> float:
     return o.lr
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and its reaped children (DataLoader workers end with every epoch)."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def batches(ds: PatchStream, loader: Any, epoch: int, skip: int) -> Iterator[tuple[int, int, dict]]:
     """(epoch, index in epoch, batch) forever; resumes inside an epoch by skipping ``skip`` batches."""
     while True:
@@ -128,6 +136,7 @@ def train(cfg: RunConfig, dist: Dist | None = None) -> dict[str, Any]:
         bar = tqdm(total=t.max_steps, initial=state["step"], desc=run_name, unit="step", dynamic_ncols=True)
 
     scaler, last_ckpt, metrics = rt.grad_scaler, resume, {}
+    cpu0, cpu_base = _cpu_seconds(), state.get("cpu_seconds", 0.0)
     t_start, win_t, win_n, bad = time.perf_counter() - state["seconds"], time.perf_counter(), 0, 0
     while state["step"] < t.max_steps:
         epoch, index, b = next(stream)
@@ -166,6 +175,7 @@ def train(cfg: RunConfig, dist: Dist | None = None) -> dict[str, Any]:
         if not (do_val or do_ckpt):
             continue
         state["seconds"] = time.perf_counter() - t_start
+        state["cpu_seconds"] = cpu_base + _cpu_seconds() - cpu0  # this process + its finished loader workers
         if main and do_val and val:
             res = evaluate_images(model, val, cfg.noise, cfg.data.gray, rt.device, with_ssim=True, keep_first=True)
             metrics = {"val/psnr": res["psnr"], "val/ssim": res["ssim"], "val/input_psnr": res["input_psnr"]}

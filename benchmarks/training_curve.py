@@ -1,0 +1,79 @@
+"""Quality vs compute of one training run: score every checkpoint of a run directory on a test folder
+(BSD68 by default, the shared convention: seed 0, sorted files, clipped output, PSNR peak 1) and plot
+PSNR against CPU-minutes.
+
+    python benchmarks/training_curve.py RUN_DIR [--data ../shared/data/bsd68] [--every 2] \\
+        [--cores 2] [--out benchmarks/results/cscnet_bsd432_curve]
+
+CPU-minutes: ``state.json``'s ``cpu_seconds`` (process + loader-worker CPU time) when present, else
+wall seconds × ``--cores`` (an upper bound: the whole machine for the whole run).
+Writes OUT.json (rows) and OUT.png (the curve).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from sparsefold.config import NoiseConfig
+from sparsefold.datasets import list_images
+from sparsefold.runtime import configure_cpu_allocator
+from sparsefold.trainers.checkpoint import is_complete, load_model
+from sparsefold.trainers.evaluate import evaluate_images
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--data", type=Path, default=Path("../shared/data/bsd68"))
+    ap.add_argument("--sigma", type=float, default=25.0)
+    ap.add_argument("--every", type=int, default=1, help="score every N-th checkpoint (the last always)")
+    ap.add_argument("--cores", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/training_curve"))
+    a = ap.parse_args()
+    configure_cpu_allocator()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    ckpts = sorted((p for p in (a.run_dir / "checkpoints").glob("step_*") if is_complete(p)),
+                   key=lambda p: int(p.name.split("_")[1]))
+    ckpts = [c for i, c in enumerate(ckpts) if i % a.every == a.every - 1 or c == ckpts[-1]]
+    files = list_images(a.data)
+    rows = []
+    for c in ckpts:
+        model, meta = load_model(c)
+        st = meta["state"]
+        cpu_s = st.get("cpu_seconds") or st["seconds"] * a.cores
+        t0 = time.perf_counter()
+        res = evaluate_images(model, files, NoiseConfig(sigma=a.sigma), with_ssim=True)
+        rows.append({"step": st["step"], "wall_min": st["seconds"] / 60, "cpu_min": cpu_s / 60,
+                     "cpu_min_measured": "cpu_seconds" in st, "psnr": res["psnr"], "ssim": res["ssim"],
+                     "images": res["images"], "checkpoint": str(c), "eval_s": time.perf_counter() - t0})
+        print(json.dumps(rows[-1]), flush=True)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.with_suffix(".json").write_text(json.dumps({"data": str(a.data), "sigma": a.sigma, "rows": rows}, indent=1))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["cpu_min"] for r in rows], [r["psnr"] for r in rows], "o-", label="CSCNet (this run)")
+    ax.axhline(28.62, color="gray", ls="--", label="BM3D 28.62")
+    ax.axhline(28.3, color="red", ls=":", label="floor 28.3")
+    ax.set_xlabel("CPU-minutes")
+    ax.set_ylabel(f"{a.data.name} PSNR (dB), σ={a.sigma:g}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(a.out.with_suffix(".png"), dpi=120)
+    print(f"wrote {a.out.with_suffix('.json')} and {a.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
