@@ -3,7 +3,7 @@
     sparsefold shards IMAGE_DIR OUT_DIR [--shard-size N] [--rgb]
     sparsefold train [CONFIG.yaml] [section.key=value ...]
     sparsefold evaluate CHECKPOINT DATA_DIR [--sigma 25] [--images N]
-    sparsefold denoise CHECKPOINT INPUT OUTPUT
+    sparsefold denoise [CHECKPOINT] INPUT OUTPUT
     sparsefold models [--json]
 
 Scriptable: human-readable progress goes to stderr; the last stdout line of ``train`` and ``evaluate``
@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 
 QUICKSTART = "quickstart.yaml"
+DEFAULT_MODEL = "cscnet"  # the bundled sigma=25 CSCNet (sparsefold/bundled/cscnet)
 
 
 def _print_json(obj: dict) -> None:
@@ -89,8 +90,11 @@ def cmd_denoise(a: argparse.Namespace) -> int:
     from sparsefold.trainers.checkpoint import load_model
     from sparsefold.trainers.evaluate import denoise_path
 
-    model, meta = load_model(a.checkpoint)
-    written = denoise_path(model, Path(a.input), Path(a.output), gray=meta["model"].get("channels", 1) == 1)
+    if len(a.paths) not in (2, 3):
+        raise ValueError("denoise takes [CHECKPOINT] INPUT OUTPUT")
+    checkpoint, src, dst = ([DEFAULT_MODEL] + a.paths)[-3:]
+    model, meta = load_model(checkpoint)
+    written = denoise_path(model, Path(src), Path(dst), gray=meta["model"].get("channels", 1) == 1)
     for p in written:
         print(p)
     return 0
@@ -145,10 +149,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--per-image", action="store_true")
     s.set_defaults(fn=cmd_evaluate)
-    s = sub.add_parser("denoise", help="denoise an image or a folder")
-    s.add_argument("checkpoint")
-    s.add_argument("input")
-    s.add_argument("output")
+    s = sub.add_parser("denoise", help="denoise an image or a folder (default model: the bundled cscnet)")
+    s.add_argument("paths", nargs="+", metavar="[CHECKPOINT] INPUT OUTPUT")
     s.set_defaults(fn=cmd_denoise)
     s = sub.add_parser("models", help="list architectures and bundled models")
     s.add_argument("--json", action="store_true")

@@ -70,3 +70,18 @@ def test_models_json_and_bad_input(tmp_path):
     assert bad.returncode == 2 and "model.stride" in bad.stderr and "Traceback" not in bad.stderr
     missing = run("evaluate", str(tmp_path / "nope"), str(tmp_path), cwd=tmp_path, check=False)
     assert missing.returncode == 2 and "nope" in missing.stderr
+
+
+def test_bundled_default_model_denoises(tmp_path):
+    from sparsefold.trainers.checkpoint import BUNDLED_DIR
+
+    if not (BUNDLED_DIR / "cscnet" / "model.safetensors").is_file():
+        import pytest
+
+        pytest.fail("the bundled cscnet checkpoint is missing from sparsefold/bundled/cscnet")
+    img = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (33, 47), dtype=np.uint8)).save(img)
+    run("denoise", str(img), str(tmp_path / "y.png"), cwd=tmp_path)  # no CHECKPOINT: the bundled cscnet
+    assert Image.open(tmp_path / "y.png").size == (47, 33)
+    listed = last_json(run("models", "--json", cwd=tmp_path).stdout)["bundled"]
+    assert any(b["name"] == "cscnet" and b["sigma"] == 25 for b in listed)
