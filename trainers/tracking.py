@@ -35,7 +35,11 @@ class NullTracker:
 
 
 def wandb_mode(mode: str) -> str:
+    """``auto``: the WANDB_MODE environment variable if set, else online with an API key, else offline."""
     if mode == "auto":
+        env = os.environ.get("WANDB_MODE", "")
+        if env in ("online", "offline", "disabled"):
+            return env
         return "online" if os.environ.get("WANDB_API_KEY") else "offline"
     return mode
 
