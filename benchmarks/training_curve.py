@@ -6,7 +6,8 @@ PSNR against CPU-minutes.
         [--cores 2] [--out benchmarks/results/cscnet_bsd432_curve]
 
 CPU-minutes: ``state.json``'s ``cpu_seconds`` (process + loader-worker CPU time) when present, else
-wall seconds × ``--cores`` (an upper bound: the whole machine for the whole run).
+wall seconds × ``--cores`` (an upper bound: the whole machine for the whole run) — used for all points
+unless every checkpoint has ``cpu_seconds``.
 Writes OUT.json (rows) and OUT.png (the curve).
 """
 
@@ -43,15 +44,17 @@ def main() -> None:
                    key=lambda p: int(p.name.split("_")[1]))
     ckpts = [c for i, c in enumerate(ckpts) if i % a.every == a.every - 1 or c == ckpts[-1]]
     files = list_images(a.data)
+    # Measured CPU time only when every checkpoint carries it from the run's start (older ones did not).
+    measured = all("cpu_seconds" in json.loads((c / "state.json").read_text()) for c in ckpts)
     rows = []
     for c in ckpts:
         model, meta = load_model(c)
         st = meta["state"]
-        cpu_s = st.get("cpu_seconds") or st["seconds"] * a.cores
+        cpu_s = st["cpu_seconds"] if measured else st["seconds"] * a.cores
         t0 = time.perf_counter()
         res = evaluate_images(model, files, NoiseConfig(sigma=a.sigma), with_ssim=True)
         rows.append({"step": st["step"], "wall_min": st["seconds"] / 60, "cpu_min": cpu_s / 60,
-                     "cpu_min_measured": "cpu_seconds" in st, "psnr": res["psnr"], "ssim": res["ssim"],
+                     "cpu_min_measured": measured, "psnr": res["psnr"], "ssim": res["ssim"],
                      "images": res["images"], "checkpoint": str(c), "eval_s": time.perf_counter() - t0})
         print(json.dumps(rows[-1]), flush=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)

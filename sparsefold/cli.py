@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     from sparsefold.config import ConfigError
 
     a = parser().parse_args(argv)
+    from sparsefold.runtime import configure_cpu_allocator
+
+    configure_cpu_allocator()  # process-wide; before the first large tensor exists
     try:
         return a.fn(a)
     except ConfigError as e:
