@@ -13,7 +13,7 @@ from PIL import Image
 
 def run(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     p = subprocess.run([sys.executable, "-m", "sparsefold", *args], cwd=cwd, capture_output=True, text=True,
-                       timeout=600)
+                       timeout=1200)
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr[-3000:]}")
     return p
