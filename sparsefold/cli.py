@@ -102,7 +102,7 @@ def cmd_denoise(a: argparse.Namespace) -> int:
 
 def cmd_models(a: argparse.Namespace) -> int:
     from sparsefold.models import MODELS, build_model, count_parameters
-    from sparsefold.trainers.checkpoint import BUNDLED_DIR, is_complete, read_config
+    from sparsefold.trainers.checkpoint import BUNDLED_DIR, is_complete, load_model, read_config
 
     archs = [{"name": n, "params": count_parameters(build_model(e.config())), "summary": e.summary}
              for n, e in MODELS.items()]
@@ -110,8 +110,6 @@ def cmd_models(a: argparse.Namespace) -> int:
     for d in sorted(BUNDLED_DIR.iterdir()) if BUNDLED_DIR.is_dir() else []:
         if is_complete(d):
             meta = read_config(d)
-            from sparsefold.trainers.checkpoint import load_model
-
             model, _ = load_model(d)
             bundled.append({"name": d.name, "model": meta["model"]["name"], "params": count_parameters(model),
                             "sigma": meta["run"]["noise"]["sigma"], "path": str(d)})

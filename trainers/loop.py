@@ -101,7 +101,8 @@ def train(cfg: RunConfig, dist: Dist | None = None) -> dict[str, Any]:
     dist = dist or Dist()
     t, main = cfg.trainer, dist.rank == 0
     rt = select_runtime(t.use_gpu, t.amp, dist.local_rank, t.threads)
-    run_dir, run_name = run_dir_of(cfg), run_dir_of(cfg).name
+    run_dir = run_dir_of(cfg)
+    run_name = run_dir.name
     ckpt_dir = run_dir / "checkpoints"
     torch.manual_seed(t.seed)
 
