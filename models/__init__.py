@@ -1,7 +1,27 @@
 """The model zoo: a plain dict registry, no import side effects.
 
-``MODELS[name]`` is a :class:`ModelEntry` holding the model's frozen config dataclass and its
-``nn.Module`` class; :func:`build_model` turns a config into a module.
+``MODELS[name]`` is a :class:`ModelEntry` holding the model's frozen config dataclass, its ``nn.Module``
+class, a one-line summary and the documented parameter count of the default config (checked by a test);
+:func:`build_model` turns a config into a module.
+
+The model contract (what the trainer, evaluation and W&B panels rely on; models know nothing of Ray,
+DDP, W&B or WebDataset):
+
+* ``Model(config)``: weights depend on the config only (seed from ``config.init_seed``).
+* ``forward(y, sigma=None) -> x̂``: ``y`` (B, C, H, W) noisy, any H, W; ``sigma`` (B,) the Gaussian noise
+  std in 0..255 units (0 for Poisson/Binomial data) or None (unknown). Models that do not use σ ignore it;
+  noise-adaptive models estimate it from ``y`` when it is None.
+Optional (the trainer checks with ``hasattr``):
+
+* ``reconstructions(y, sigma=None) -> list[Tensor]``: x̂ after each unfolding, last = ``forward``
+  (multi-layer loss, ``loss.kind=multilayer``).
+* ``set_depth(T)``: run T unfoldings from now on; untied models warm-start new layers from the last
+  trained one (incremental depth, ``trainer.depth_stages``). ``config.depth`` is the maximum.
+* ``natural(y, sigma=None) -> η``: natural parameter of the noise model's likelihood, for the
+  unsupervised loss (``loss.kind=nll``, see :mod:`.likelihoods`).
+* ``dictionary() -> (K, C, k, k)`` atoms for the W&B grid; ``code_sparsity(y) -> list[float]`` fraction of
+  non-zero codes per unfolding.
+* config method ``check_noise(noise)``: raise ``ConfigError`` when the model cannot serve that noise.
 """
 
 from __future__ import annotations
@@ -18,11 +38,13 @@ class ModelEntry(NamedTuple):
     config: type
     module: type[nn.Module]
     summary: str
+    params: int  # trainable parameters of the default config (the documented/paper count)
 
 
 MODELS: dict[str, ModelEntry] = {
-    "cscnet": ModelEntry(CSCNetConfig, CSCNet, "convolutional LISTA, strided, shift-averaged (Simon & Elad 2019)"),
-    "dncnn": ModelEntry(DnCNNConfig, DnCNN, "17-layer residual CNN baseline (Zhang et al. 2017)"),
+    "cscnet": ModelEntry(CSCNetConfig, CSCNet, "convolutional LISTA, strided, shift-averaged (Simon & Elad 2019)",
+                         63_700),
+    "dncnn": ModelEntry(DnCNNConfig, DnCNN, "17-layer residual CNN baseline (Zhang et al. 2017)", 556_096),
 }
 
 

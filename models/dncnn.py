@@ -60,8 +60,8 @@ class DnCNN(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def forward(self, y: Tensor) -> Tensor:
-        """y (B, C, H, W) -> x̂ = y − f(y), (B, C, H, W)."""
+    def forward(self, y: Tensor, sigma: Tensor | None = None) -> Tensor:
+        """y (B, C, H, W) -> x̂ = y − f(y), (B, C, H, W). ``sigma`` is ignored (DnCNN-S is trained per σ)."""
         return y - self.body(y)
 
     def dictionary(self) -> Tensor:

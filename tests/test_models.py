@@ -178,6 +178,20 @@ def test_config_is_frozen(name: str) -> None:
         setattr(cfg, field, getattr(cfg, field))
 
 
+def test_default_config_has_the_documented_parameter_count(name: str) -> None:
+    entry = MODELS[name]
+    assert count_parameters(build_model(entry.config())) == entry.params
+
+
+def test_forward_accepts_sigma(name: str) -> None:
+    """Every model takes the per-image σ (0..255 units) and gives the same shape with and without it."""
+    model = build(name).eval()
+    y = noisy(small_config(name), 2, 32, 32)
+    with torch.no_grad():
+        out = model(y, torch.tensor([25.0, 15.0]))
+    assert out.shape == y.shape and torch.isfinite(out).all()
+
+
 def test_cscnet_paper_parameter_count() -> None:
     cfg = CSCNetConfig(depth=12, filters=175, kernel_size=11, stride=8)
     assert count_parameters(build_model(cfg)) == 3 * 175 * 11 * 11 + 175 == 63_700
