@@ -34,6 +34,12 @@ Symbol → attribute:
     ==========  =============================  ===================================
 
 Paper configuration: T=12, K=175, k=11, s=8 → 3·175·121 + 175 = 63,700 parameters.
+
+Options beyond the paper: ``noise_adaptive`` replaces θ by CDLNet's θ(σ) = θ₀ + θ₁·σ/255 per filter
+(``self.threshold``, ``self.threshold_sigma``; +K parameters), so one model serves a σ range, with σ
+estimated from the image (``estimate_sigma``) when unknown; ``set_depth`` changes the number of
+unfoldings used (weights are tied, so a deeper model warm-starts from the shorter one exactly);
+``reconstructions`` gives x̂_t = C γ_t after every unfolding (multi-layer loss).
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ from sparsefold.config import check
 from sparsefold.models._ops import (
     conv_analysis,
     conv_synthesis,
+    estimate_sigma,
+    noise_adaptive_threshold,
     power_method,
     shift_average,
     shift_stack,
@@ -65,6 +73,7 @@ class CSCNetConfig:
     stride: int = 8
     channels: int = 1
     threshold_init: float = 0.01
+    noise_adaptive: bool = False
     init_seed: int = 0
 
     def __post_init__(self) -> None:
@@ -90,17 +99,39 @@ class CSCNet(nn.Module):
         self.A = nn.Parameter(w.clone())  # synthesis inside the loop
         self.B = nn.Parameter(w.clone())  # analysis
         self.C = nn.Parameter(w.clone())  # final decoder
-        self.threshold = nn.Parameter(torch.full((K,), config.threshold_init))
+        if config.noise_adaptive:  # θ(σ) = θ₀ + θ₁·σ/255, equal to threshold_init at σ = 25
+            self.threshold = nn.Parameter(torch.zeros(K))
+            self.threshold_sigma = nn.Parameter(torch.full((K,), config.threshold_init * 255.0 / 25.0))
+        else:
+            self.threshold = nn.Parameter(torch.full((K,), config.threshold_init))
+        self.active_depth = config.depth
+
+    def set_depth(self, depth: int) -> None:
+        """Run ``depth`` unfoldings from now on (tied weights: nothing to copy)."""
+        if not 1 <= depth:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self.active_depth = depth
+
+    def theta(self, sigma: Tensor | None, y: Tensor) -> Tensor:
+        """Thresholds for the s²-shift batch of y: (1, K, 1, 1), or (B·s², K, 1, 1) when noise-adaptive."""
+        if not self.config.noise_adaptive:
+            return self.threshold.view(1, -1, 1, 1)
+        sigma = estimate_sigma(y) if sigma is None else sigma.reshape(-1).to(y.device)
+        th = noise_adaptive_threshold(self.threshold, self.threshold_sigma, sigma)  # (B, K, 1, 1)
+        return th.repeat_interleave(self.config.stride ** 2, dim=0)
 
     # ------------------------------------------------------------------ the unfolded iteration
-    def sparse_code(self, ys: Tensor, depth: int | None = None, keep_all: bool = True) -> list[Tensor]:
-        """Codes γ_0..γ_{T−1} of padded inputs ys (N, C, Ph, Pw); each (N, K, h, w).
-        ``keep_all=False`` returns only [γ_{T−1}] and frees the earlier codes (inference memory)."""
+    def sparse_code(self, ys: Tensor, theta: Tensor | None = None, depth: int | None = None,
+                    keep_all: bool = True) -> list[Tensor]:
+        """Codes γ_0..γ_{T−1} of padded inputs ys (N, C, Ph, Pw) with thresholds θ (see ``theta``; default
+        the learned θ, not noise-adaptive); each (N, K, h, w). ``keep_all=False`` returns only [γ_{T−1}]
+        and frees the earlier codes (inference)."""
         s = self.config.stride
-        T = self.config.depth if depth is None else depth
+        if theta is None:
+            theta = self.threshold.view(1, -1, 1, 1)  # (1, K, 1, 1)
+        T = self.active_depth if depth is None else depth
         if T < 1:
             raise ValueError(f"depth must be >= 1, got {T}")
-        theta = self.threshold.view(1, -1, 1, 1)  # (1, K, 1, 1)
         hw = ys.shape[-2:]
         By = conv_analysis(ys, self.B, s)  # (N, K, h, w), computed once
         gammas = [soft_threshold(By, theta)]  # Eq. (1)
@@ -113,14 +144,22 @@ class CSCNet(nn.Module):
                 del gammas[0]
         return gammas
 
-    def forward(self, y: Tensor) -> Tensor:
-        """y (B, C, H, W) noisy -> x̂ (B, C, H, W)."""
+    def forward(self, y: Tensor, sigma: Tensor | None = None) -> Tensor:
+        """y (B, C, H, W) noisy, sigma (B,) in 0..255 (used when noise-adaptive) -> x̂ (B, C, H, W)."""
         cfg = self.config
         h, w = y.shape[-2:]
         ys = shift_stack(y, cfg.kernel_size, cfg.stride)  # (B·s², C, Ph, Pw)
-        gamma = self.sparse_code(ys, keep_all=False)[-1]  # (B·s², K, h', w')
+        gamma = self.sparse_code(ys, self.theta(sigma, y), keep_all=False)[-1]  # (B·s², K, h', w')
         xs = conv_synthesis(gamma, self.C, cfg.stride, ys.shape[-2:])  # Eq. (3): (B·s², C, Ph, Pw)
         return shift_average(xs, h, w, cfg.kernel_size, cfg.stride)  # Eq. (4): (B, C, H, W)
+
+    def reconstructions(self, y: Tensor, sigma: Tensor | None = None) -> list[Tensor]:
+        """x̂_t = shift_average(C γ_t) for t = 0..T−1, each (B, C, H, W); the last equals ``forward``."""
+        cfg = self.config
+        h, w = y.shape[-2:]
+        ys = shift_stack(y, cfg.kernel_size, cfg.stride)
+        return [shift_average(conv_synthesis(g, self.C, cfg.stride, ys.shape[-2:]), h, w, cfg.kernel_size, cfg.stride)
+                for g in self.sparse_code(ys, self.theta(sigma, y))]
 
     # ------------------------------------------------------------------ monitoring
     def dictionary(self) -> Tensor:
@@ -131,4 +170,4 @@ class CSCNet(nn.Module):
     def code_sparsity(self, y: Tensor) -> list[float]:
         """Fraction of non-zero codes after each unfolding, for a batch y."""
         ys = shift_stack(y, self.config.kernel_size, self.config.stride)
-        return [float((g != 0).float().mean()) for g in self.sparse_code(ys)]
+        return [float((g != 0).float().mean()) for g in self.sparse_code(ys, self.theta(None, y))]

@@ -12,6 +12,7 @@ frozen config dataclass (see :data:`sparsefold.models.MODELS`).
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +30,14 @@ def check(ok: bool, name: str, msg: str) -> None:
     """Raise ``ConfigError("<name>: <msg>")`` unless ``ok`` (used in ``__post_init__``)."""
     if not ok:
         raise ConfigError(f"{name}: {msg}")
+
+
+def is_url(path: str) -> bool:
+    """``scheme://...`` (s3://, gs://, file://, ...), as opposed to a filesystem path."""
+    return re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", str(path)) is not None
+
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # trainer.precision; mapping in sparsefold/runtime.py
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,6 +129,30 @@ class OptimConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LossConfig:
+    """Training objective on the final reconstruction x̂ (and the intermediate ones for ``multilayer``).
+
+    ``mse``: mean (x̂ − x)².  ``l1``: mean |x̂ − x|.  ``ssim_mixed``: α·(1 − SSIM) + (1 − α)·L1 with
+    α = ``ssim_weight`` (Zhao et al. 2017).  ``multilayer``: Σ_t w_t·MSE(x̂_t, x) / Σ_t w_t over the
+    unfoldings, w_t = ``layer_decay``^(T−1−t) (the last layer weighs 1).  ``nll``: unsupervised, no clean
+    target: the noise model's negative log-likelihood of the noisy input under the model's natural
+    parameter η (needs a model with ``natural``; Gaussian / Poisson / Binomial from ``noise.kind``).
+    """
+
+    kind: str = "mse"
+    ssim_weight: float = 0.84
+    layer_decay: float = 0.5
+
+    def __post_init__(self) -> None:
+        check(self.kind in LOSSES, "kind", f"unknown loss {self.kind!r} (valid: {', '.join(LOSSES)})")
+        check(0 <= self.ssim_weight <= 1, "ssim_weight", f"must be in [0, 1], got {self.ssim_weight}")
+        check(0 < self.layer_decay <= 1, "layer_decay", f"must be in (0, 1], got {self.layer_decay}")
+
+
+LOSSES = ("mse", "l1", "ssim_mixed", "multilayer", "nll")
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainerConfig:
     """Steps, checkpoints, and where the run executes (plain process or Ray Train DDP)."""
 
@@ -133,13 +166,20 @@ class TrainerConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 0
+    rollback_after: int = 10  # K consecutive non-finite steps -> back to the last checkpoint (0: never)
+    rollback_lr_factor: float = 0.5  # the learning rate is multiplied by this at each rollback
+    max_rollbacks: int = 5  # then the run stops with an error instead of looping
     amp: bool = True
-    output_dir: str = "runs"
+    precision: str = "auto"  # autocast dtype when amp: auto | bf16 | fp16 | fp32 (see sparsefold/runtime.py)
+    compile: bool = False  # torch.compile the training module
+    channels_last: bool = False  # channels-last weights (GPU convolutions)
+    output_dir: str = "runs"  # a path; or a URL (s3://, gs://, file://) with use_ray=true
     run_name: str = ""
     resume: bool = True
     seed: int = 0
     progress: bool = True
     threads: int = 0
+    depth_stages: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         check(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
@@ -150,9 +190,22 @@ class TrainerConfig:
         check(self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")
         check(self.cpus_per_worker > 0, "cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
         check(self.max_failures >= -1, "max_failures", f"must be >= -1 (-1 retries forever), got {self.max_failures}")
+        check(self.rollback_after >= 0, "rollback_after", f"must be >= 0 (0: never roll back), got {self.rollback_after}")
+        check(0 < self.rollback_lr_factor <= 1, "rollback_lr_factor", f"must be in (0, 1], got {self.rollback_lr_factor}")
+        check(self.max_rollbacks >= 0, "max_rollbacks", f"must be >= 0, got {self.max_rollbacks}")
         check(self.threads >= 0, "threads", f"must be >= 0, got {self.threads}")
         check(self.workers == 1 or self.use_ray, "workers", "more than 1 worker needs trainer.use_ray=true")
         check("/" not in self.run_name, "run_name", "must not contain '/'")
+        check(self.precision in PRECISIONS, "precision", f"unknown {self.precision!r} (valid: {', '.join(PRECISIONS)})")
+        check(self.amp or self.precision in ("auto", "fp32"), "precision",
+              f"{self.precision} needs trainer.amp=true (amp=false means fp32)")
+        check(self.use_gpu or self.precision != "fp16", "precision", "fp16 needs trainer.use_gpu=true (on CPU: bf16 or fp32)")
+        check(self.use_ray or not is_url(self.output_dir), "output_dir",
+              f"{self.output_dir} is a URL: the plain path writes a local/NFS directory; set trainer.use_ray=true "
+              "(Ray Train uploads checkpoints to URLs) or give a path")
+        check(all(d >= 1 for d in self.depth_stages) and list(self.depth_stages) == sorted(set(self.depth_stages)),
+              "depth_stages", f"must be increasing depths >= 1, got {list(self.depth_stages)}")
+        check(len(self.depth_stages) <= self.max_steps, "depth_stages", "more stages than max_steps")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,8 +230,29 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self) -> None:
+        """Checks across sections: what the model can do vs the loss, the noise and the trainer."""
+        from sparsefold.models import MODELS  # late: models import torch
+
+        module = MODELS[self.model.name].module if self.model.name in MODELS else None
+        if hasattr(self.model, "check_noise"):
+            self.model.check_noise(self.noise)  # e.g. a Poisson DCEA on Gaussian data
+        if self.loss.kind == "multilayer" and module is not None:
+            check(hasattr(module, "reconstructions"), "loss.kind",
+                  f"multilayer needs intermediate reconstructions; model {self.model.name!r} has none")
+        if self.loss.kind == "nll" and module is not None:
+            check(hasattr(module, "natural"), "loss.kind",
+                  f"nll (unsupervised) needs a likelihood model (dcea_c, dcea_uc); {self.model.name!r} has none")
+        if self.trainer.depth_stages:
+            check(module is not None and hasattr(module, "set_depth"), "trainer.depth_stages",
+                  f"model {self.model.name!r} has no set_depth (not an unfolded model)")
+            depth = getattr(self.model, "depth", None)
+            check(self.trainer.depth_stages[-1] == depth, "trainer.depth_stages",
+                  f"the last stage must equal model.depth={depth}, got {list(self.trainer.depth_stages)}")
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -192,6 +266,7 @@ SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "noise": NoiseConfig,
     "optim": OptimConfig,
+    "loss": LossConfig,
     "trainer": TrainerConfig,
     "wandb": WandbConfig,
 }

@@ -9,6 +9,7 @@ SSIM (11×11, σ=1.5, data_range 1) per image, averaged.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,20 +32,29 @@ def ssim(x: Tensor, ref: Tensor) -> float:
                                                      ref.reshape(1, *ref.shape[-3:]).double(), data_range=1.0))
 
 
+def eval_sigma(noise: NoiseConfig) -> float:
+    """The σ (0..255) the evaluation noise is drawn with: noise.sigma, or the middle of a σ range; 0 for
+    Poisson/Binomial data."""
+    if noise.kind != "gaussian":
+        return 0.0
+    return noise.sigma if noise.sigma_max is None else 0.5 * (noise.sigma + noise.sigma_max)
+
+
 def noisy_versions(clean: list[Tensor], noise: NoiseConfig, seed: int = 0) -> list[Tensor]:
     """Seeded noisy copies. Gaussian: the shared convention (σ = noise.sigma, or the middle of a σ range).
     Poisson/Binomial: one generator seeded once, drawn in order."""
     if noise.kind == "gaussian":
-        sigma = noise.sigma if noise.sigma_max is None else 0.5 * (noise.sigma + noise.sigma_max)
-        return gaussian_eval_noise(clean, sigma, seed=seed)
+        return gaussian_eval_noise(clean, eval_sigma(noise), seed=seed)
     g = torch.Generator().manual_seed(seed)
     return [add_noise(x, noise, g)[0] for x in clean]
 
 
 @torch.inference_mode()
-def denoise(model: nn.Module, noisy: Tensor, device: torch.device | str = "cpu") -> Tensor:
-    """Model output for one (C, H, W) image, clipped to [0, 1]."""
-    out = model(noisy.unsqueeze(0).to(device)).squeeze(0).float().cpu()
+def denoise(model: nn.Module, noisy: Tensor, device: torch.device | str = "cpu", sigma: float | None = None) -> Tensor:
+    """Model output for one (C, H, W) image, clipped to [0, 1]. ``sigma`` (0..255) is the known noise
+    level, or None: noise-adaptive models then estimate it from the image (blind denoising)."""
+    s = None if sigma is None else torch.tensor([float(sigma)], device=device)
+    out = model(noisy.unsqueeze(0).to(device), s).squeeze(0).float().cpu()
     return out.clamp_(0.0, 1.0)
 
 
@@ -57,9 +67,11 @@ def evaluate_images(
     seed: int = 0,
     with_ssim: bool = True,
     keep_first: bool = False,
+    blind: bool = False,
 ) -> dict:
     """Score ``model`` on ``files`` (in the given order). Returns psnr, ssim, images, sec_per_image,
-    per-image lists and, with ``keep_first``, the first (noisy, denoised, clean) triple."""
+    per-image lists and, with ``keep_first``, the first (noisy, denoised, clean) triple. The model is told
+    the noise level unless ``blind``."""
     was_training = model.training
     model.eval()
     clean = [load_image(f, gray=gray) for f in files]
@@ -67,7 +79,7 @@ def evaluate_images(
     psnrs, ssims, secs, first = [], [], [], None
     for i, (x, y) in enumerate(zip(clean, noisy)):
         t0 = time.perf_counter()
-        out = denoise(model, y, device)
+        out = denoise(model, y, device, None if blind else eval_sigma(noise))
         secs.append(time.perf_counter() - t0)
         psnrs.append(psnr(out, x))
         if with_ssim:
@@ -89,8 +101,11 @@ def evaluate_images(
     return res
 
 
-def denoise_path(model: nn.Module, src: Path, dst: Path, gray: bool = True, device: str = "cpu") -> list[Path]:
-    """Denoise one image or every image of a folder; writes PNGs. Returns the written paths."""
+def denoise_path(model: nn.Module, src: Path, dst: Path, gray: bool = True, device: str = "cpu",
+                 sigma: float | None = None, adapt: Callable[[nn.Module, Tensor], nn.Module] | None = None,
+                 ) -> list[Path]:
+    """Denoise one image or every image of a folder; writes PNGs. Returns the written paths. ``sigma``:
+    the known noise level (None: blind). ``adapt(model, noisy) -> model``: test-time adaptation per image."""
     pairs = ([(src, dst if dst.suffix else dst / (src.stem + ".png"))] if src.is_file()
              else [(f, dst / (f.stem + ".png")) for f in list_images(src)])
     if not pairs:
@@ -99,6 +114,8 @@ def denoise_path(model: nn.Module, src: Path, dst: Path, gray: bool = True, devi
     out = []
     for f, target in pairs:
         target.parent.mkdir(parents=True, exist_ok=True)
-        save_image(denoise(model, load_image(f, gray=gray), device), target)
+        y = load_image(f, gray=gray)
+        m = adapt(model, y) if adapt is not None else model
+        save_image(denoise(m.eval(), y, device, sigma), target)
         out.append(target)
     return out

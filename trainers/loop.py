@@ -8,6 +8,7 @@ and W&B happen on rank 0; with Ray, every rank calls ``report`` at each validati
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -22,17 +23,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsefold.config import RunConfig, to_dict
+from sparsefold.config import RunConfig, is_url, to_dict
 from sparsefold.datasets import PatchStream, check_shard_count, make_loader, train_urls, val_files
 from sparsefold.models import build_model, count_parameters
-from sparsefold.runtime import select_runtime
+from sparsefold.runtime import runtime_for, staging_root
 from sparsefold.trainers.checkpoint import (
+    fault_hook,
     latest_checkpoint,
     load_training_state,
     prune_checkpoints,
     save_checkpoint,
 )
 from sparsefold.trainers.evaluate import evaluate_images
+from sparsefold.trainers.losses import Objective
 from sparsefold.trainers.tracking import make_tracker, model_panels
 
 
@@ -57,7 +60,10 @@ def default_run_name(cfg: RunConfig) -> str:
 
 
 def run_dir_of(cfg: RunConfig) -> Path:
-    return Path(cfg.trainer.output_dir).expanduser().resolve() / (cfg.trainer.run_name or default_run_name(cfg))
+    """Local directory of the run: ``<output_dir>/<run name>``. When output_dir is a URL (Ray path only),
+    a node-local staging directory instead: Ray Train uploads the checkpoints, ray_train.py the rest."""
+    name, out = cfg.trainer.run_name or default_run_name(cfg), cfg.trainer.output_dir
+    return staging_root() / name if is_url(out) else Path(out).expanduser().resolve() / name
 
 
 def lr_at(step: int, cfg: RunConfig) -> float:
@@ -96,28 +102,65 @@ def batches(ds: PatchStream, loader: Any, epoch: int, skip: int) -> Iterator[tup
         epoch, skip = epoch + 1, 0
 
 
+def depth_at(step: int, cfg: RunConfig) -> int | None:
+    """Unfolding depth of step ``step`` under ``trainer.depth_stages`` (equal shares of max_steps), or None."""
+    stages = cfg.trainer.depth_stages
+    if not stages:
+        return None
+    return stages[min(step * len(stages) // cfg.trainer.max_steps, len(stages) - 1)]
+
+
+def unfolding_metrics(model: nn.Module) -> dict[str, float]:
+    """Mean |value| of every learned threshold / step parameter (names containing thresh, tau, lam, step)."""
+    out = {}
+    for name, p in model.named_parameters():
+        if any(k in name.lower() for k in ("thresh", "tau", "lam", "step", "bias_b")):
+            out[f"model/{name}"] = float(p.detach().float().abs().mean())
+    return out
+
+
+def all_finite(x: torch.Tensor, world_size: int) -> bool:
+    """Whether ``x`` is finite on EVERY rank (one tiny all-reduce under DDP), so that all ranks skip, step
+    and roll back together: a rank skipping backward alone would leave the others waiting in allreduce."""
+    ok = torch.isfinite(x.detach()).all().float().reshape(1)
+    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    return bool(ok.item() > 0)
+
+
+def snapshot(model: nn.Module, opt: torch.optim.Optimizer, state: dict) -> tuple[dict, dict, dict]:
+    """In-memory copy of what a checkpoint holds (weights, optimizer, state), the rollback target."""
+    return ({k: v.detach().clone() for k, v in model.state_dict().items()}, copy.deepcopy(opt.state_dict()),
+            copy.deepcopy(state))
+
+
 def train(cfg: RunConfig, dist: Dist | None = None) -> dict[str, Any]:
     """Train ``cfg`` to ``trainer.max_steps``; returns {checkpoint, steps, seconds, val_psnr, ...}."""
     dist = dist or Dist()
     t, main = cfg.trainer, dist.rank == 0
-    rt = select_runtime(t.use_gpu, t.amp, dist.local_rank, t.threads)
+    rt = runtime_for(t, dist.local_rank)  # device, autocast dtype, compile, channels-last
     run_dir = run_dir_of(cfg)
     run_name = run_dir.name
     ckpt_dir = run_dir / "checkpoints"
     torch.manual_seed(t.seed)
 
-    model = build_model(cfg.model).to(rt.device)
+    model = rt.place(build_model(cfg.model))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples": 0, "skipped": 0, "seconds": 0.0}
-    resume = dist.resume_from or (latest_checkpoint(ckpt_dir) if t.resume else None)
-    if not t.resume and latest_checkpoint(ckpt_dir) is not None:
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples": 0, "skipped": 0, "seconds": 0.0,
+             "nonfinite_steps": 0, "rollbacks": 0, "lr_scale": 1.0}
+    latest = latest_checkpoint(ckpt_dir) if dist.report is None else None  # Ray: ray_train.py decides
+    if not t.resume and latest is not None:
         raise FileExistsError(f"{run_dir} already holds checkpoints; pick another trainer.run_name or "
                               "set trainer.resume=true to continue it")
+    resume = dist.resume_from or (latest if t.resume else None)
     if resume is not None:
         state.update(load_training_state(resume, model, opt))
         if main:
-            print(f"[sparsefold] resuming run {run_name} from step {state['step']} ({resume})", file=sys.stderr)
-    net = dist.wrap(model)
+            print(f"[sparsefold] resuming run {run_name} from step {state['step']} ({resume})"
+                  + (f", lr scale {state['lr_scale']:g}" if state["lr_scale"] != 1 else ""), file=sys.stderr)
+    resumed_from, good, streak = (state["step"] if resume is not None else None), snapshot(model, opt, state), 0
+    fault_hook("start", dist.rank, state["step"])
+    net = rt.compiled(dist.wrap(Objective(model, cfg.loss, cfg.noise)))  # DDP wraps model + loss (multilayer, nll)
 
     urls = train_urls(cfg.data)
     check_shard_count(urls, dist.world_size, cfg.data.num_workers, cfg.data.resampled)
@@ -138,31 +181,67 @@ def train(cfg: RunConfig, dist: Dist | None = None) -> dict[str, Any]:
 
     scaler, last_ckpt, metrics = rt.grad_scaler, resume, {}
     cpu0, cpu_base = _cpu_seconds(), state.get("cpu_seconds", 0.0)
-    t_start, win_t, win_n, bad = time.perf_counter() - state["seconds"], time.perf_counter(), 0, 0
+    t_start, win_t, win_n = time.perf_counter() - state["seconds"], time.perf_counter(), 0
+    grad_norm, depth = float("nan"), None
     while state["step"] < t.max_steps:
         epoch, index, b = next(stream)
         noisy, clean = b["noisy"].to(rt.device, non_blocking=True), b["clean"].to(rt.device, non_blocking=True)
+        sigma = b["sigma"].to(rt.device, non_blocking=True)
+        depth = depth_at(state["step"], cfg)
+        if depth is not None and depth != getattr(model, "active_depth", None):
+            model.set_depth(depth)  # incremental depth: the deeper model warm-starts from the shorter one
+            model.active_depth = depth
+            if main:
+                print(f"[sparsefold] step {state['step']}: unfolding depth {depth}", file=sys.stderr, flush=True)
         for g in opt.param_groups:
-            g["lr"] = lr_at(state["step"], cfg)
+            g["lr"] = lr_at(state["step"], cfg) * state["lr_scale"]  # lr_scale < 1 after rollbacks
         net.train()
         with rt.autocast():
-            loss = torch.mean((net(noisy).float() - clean) ** 2)
+            loss = net(noisy, clean, sigma)  # loss.kind, see trainers/losses.py
         opt.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
-            bad += 1  # a non-finite loss is skipped (and counted), never stepped on
-        else:
+        finite = all_finite(loss, dist.world_size)  # a non-finite loss is skipped (and counted), never stepped on
+        if finite:
             (scaler.scale(loss) if scaler else loss).backward()
             if scaler:
                 scaler.unscale_(opt)
-            if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            scaler.step(opt) if scaler else opt.step()
-            if scaler:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf))
+            if scaler:  # fp16: the scaler itself skips steps with inf gradients
+                scaler.step(opt)
                 scaler.update()
+            elif math.isfinite(grad_norm):  # gradients are all-reduced: the same decision on every rank
+                opt.step()
+            else:
+                finite = False  # a finite loss with non-finite gradients: skipped like a non-finite loss
+            if finite and hasattr(model, "project_"):
+                model.project_()  # constraints after each step (e.g. CDLNet: τ ≥ 0, filters in the unit ball)
         state.update(step=state["step"] + 1, epoch=epoch, batch_in_epoch=index + 1,
                      samples=state["samples"] + noisy.shape[0] * dist.world_size,
                      skipped=state["skipped"] + int(b.get("skipped", 0)))
         win_n += noisy.shape[0] * dist.world_size
+        state["nonfinite_steps"] += int(not finite)
+        streak = 0 if finite else streak + 1
+        if t.rollback_after and streak >= t.rollback_after:  # K bad steps in a row: back to the last checkpoint
+            if state["rollbacks"] >= t.max_rollbacks:
+                raise RuntimeError(f"training diverged: {streak} consecutive non-finite steps at step {state['step']} "
+                                   f"after {state['rollbacks']} rollbacks (trainer.max_rollbacks); lower optim.lr")
+            keep = {"nonfinite_steps": state["nonfinite_steps"], "rollbacks": state["rollbacks"] + 1,
+                    "lr_scale": state["lr_scale"] * t.rollback_lr_factor}
+            bad_step = state["step"]
+            model.load_state_dict(good[0])
+            opt.load_state_dict(copy.deepcopy(good[1]))  # a copy: the optimizer would share the tensors
+            state.clear()
+            state.update(copy.deepcopy(good[2]), **keep)
+            stream.close()  # data position of the checkpoint: the same batches again, at a lower lr
+            stream = batches(ds, make_loader(ds, cfg.data), state["epoch"], state["batch_in_epoch"])
+            streak = 0
+            if main:
+                tracker.log({"train/" + k: state[k] for k in ("nonfinite_steps", "rollbacks", "lr_scale")}, step=bad_step)
+                print(f"[sparsefold] step {bad_step}: {t.rollback_after} consecutive non-finite steps; rolled back "
+                      f"to step {state['step']}, lr scale {state['lr_scale']:g}", file=sys.stderr, flush=True)
+            if bar is not None:
+                bar.n = state["step"]
+                bar.refresh()
+            continue
         step, last = state["step"], state["step"] == t.max_steps
         if bar is not None:
             bar.update(1)
@@ -170,7 +249,10 @@ def train(cfg: RunConfig, dist: Dist | None = None) -> dict[str, Any]:
         if main and (step % t.log_every == 0 or last):
             now = time.perf_counter()
             tracker.log({"train/loss": loss.item(), "train/lr": g["lr"], "train/samples_per_s": win_n / (now - win_t),
-                         "data/skipped": state["skipped"], "train/nonfinite_steps": bad, "epoch": epoch}, step=step)
+                         "train/grad_norm": grad_norm, "data/skipped": state["skipped"],
+                         "train/nonfinite_steps": state["nonfinite_steps"], "train/rollbacks": state["rollbacks"],
+                         "train/lr_scale": state["lr_scale"], "epoch": epoch, **({"model/depth": depth} if depth else {})},
+                        step=step)
             win_t, win_n = now, 0
         do_val, do_ckpt = step % t.val_every == 0 or last, step % t.ckpt_every == 0 or last
         if not (do_val or do_ckpt):
@@ -183,20 +265,21 @@ def train(cfg: RunConfig, dist: Dist | None = None) -> dict[str, Any]:
             if hasattr(model, "code_sparsity"):
                 sp = model.code_sparsity(res["first"][0].unsqueeze(0).to(rt.device))
                 metrics.update({f"codes/nonzero_t{i}": v for i, v in enumerate(sp)})
-            tracker.log(metrics, step=step)
+            tracker.log({**metrics, **unfolding_metrics(model)}, step=step)
             line = (f"[sparsefold] step {step}: val psnr {res['psnr']:.3f} dB, ssim {res['ssim']:.4f} "
                     f"({len(val)} images, {time.perf_counter() - t_start:.0f} s)")
             bar.write(line, file=sys.stderr) if bar is not None else print(line, file=sys.stderr, flush=True)
             tracker.log_images(model_panels(model, res["first"]), step=step)
         state["metrics"] = metrics
-        if dist.report is not None:  # Ray: one report per validation, checkpoint attached on rank 0
-            if do_val:
-                with tempfile.TemporaryDirectory() as tmp:
-                    path = save_checkpoint(Path(tmp) / "ckpt", model, cfg, state, opt) if main else None
-                    dist.report({"step": step, **metrics, "val_psnr": metrics.get("val/psnr", float("nan"))}, path)
+        if dist.report is not None:  # Ray: one report per validation/checkpoint, checkpoint attached on rank 0
+            with tempfile.TemporaryDirectory() as tmp:
+                path = save_checkpoint(Path(tmp) / "ckpt", model, cfg, state, opt) if main else None
+                dist.report({"step": step, **metrics, "val_psnr": metrics.get("val/psnr", float("nan"))}, path)
         elif main:
             last_ckpt = save_checkpoint(ckpt_dir / f"step_{step:07d}", model, cfg, state, opt)
             prune_checkpoints(ckpt_dir, t.keep_checkpoints)
+        good = snapshot(model, opt, state)  # every rank: the rollback target is what was just checkpointed
+        fault_hook("checkpoint", dist.rank, step)
     if bar is not None:
         bar.close()
     if main and not metrics and val:  # nothing left to train (resumed a finished run): still score it
@@ -206,4 +289,5 @@ def train(cfg: RunConfig, dist: Dist | None = None) -> dict[str, Any]:
     return {"checkpoint": str(last_ckpt) if last_ckpt else None, "run_dir": str(run_dir), "steps": state["step"],
             "seconds": round(time.perf_counter() - t_start, 2), "val_psnr": metrics.get("val/psnr"),
             "val_ssim": metrics.get("val/ssim"), "samples": state["samples"], "skipped": state["skipped"],
-            "nonfinite_steps": bad, "params": count_parameters(model)}
+            "nonfinite_steps": state["nonfinite_steps"], "rollbacks": state["rollbacks"], "lr_scale": state["lr_scale"],
+            "resumed_from_step": resumed_from, "params": count_parameters(model)}

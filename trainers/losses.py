@@ -1,0 +1,58 @@
+"""Training objectives (``loss.kind``), one function the loop calls. See :class:`sparsefold.config.LossConfig`.
+
+Supervised losses compare the reconstruction x̂ with the clean patch x; ``nll`` is unsupervised: it only
+sees the noisy observation y and scores the model's natural parameter η = model.natural(y) under the
+noise model's likelihood (:mod:`sparsefold.models.likelihoods`), as in DCEA's dictionary-learning mode.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sparsefold.config import LossConfig, NoiseConfig
+
+
+def ssim_map_loss(x_hat: Tensor, x: Tensor) -> Tensor:
+    """1 − SSIM (Gaussian window 11, σ 1.5, data range 1), differentiable, mean over the batch."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    return 1.0 - structural_similarity_index_measure(x_hat, x, data_range=1.0)
+
+
+def multilayer_weights(n: int, decay: float) -> list[float]:
+    """w_t = decay^(n−1−t), t = 0..n−1, normalized to sum 1 (the last layer weighs most)."""
+    w = [decay ** (n - 1 - t) for t in range(n)]
+    return [v / sum(w) for v in w]
+
+
+class Objective(nn.Module):
+    """model + loss as one module, so that DDP wraps (and syncs) whatever the loss calls: the forward,
+    the intermediate ``reconstructions`` or the likelihood's ``natural``. ``forward`` returns the scalar
+    loss of one batch: noisy, clean (B, C, H, W), sigma (B,) in 0..255 units."""
+
+    def __init__(self, model: nn.Module, loss: LossConfig, noise: NoiseConfig) -> None:
+        super().__init__()
+        self.model, self.loss, self.noise = model, loss, noise
+
+    def forward(self, noisy: Tensor, clean: Tensor, sigma: Tensor | None = None) -> Tensor:
+        kind, m = self.loss.kind, self.model
+        if kind == "multilayer":
+            outs = m.reconstructions(noisy, sigma)
+            ws = multilayer_weights(len(outs), self.loss.layer_decay)
+            return sum(w * torch.mean((o.float() - clean) ** 2) for w, o in zip(ws, outs))
+        if kind == "nll":
+            from sparsefold.models.likelihoods import nll
+
+            n = self.noise
+            return nll(n.kind, m.natural(noisy, sigma).float(), noisy, peak=n.peak, trials=n.trials)
+        x_hat = m(noisy, sigma).float()
+        if kind == "mse":
+            return torch.mean((x_hat - clean) ** 2)
+        if kind == "l1":
+            return F.l1_loss(x_hat, clean)
+        if kind == "ssim_mixed":
+            a = self.loss.ssim_weight
+            return a * ssim_map_loss(x_hat, clean) + (1 - a) * F.l1_loss(x_hat, clean)
+        raise ValueError(f"loss.kind: unknown loss {kind!r}")
