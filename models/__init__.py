@@ -30,8 +30,12 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
+from sparsefold.models.cdlnet import CDLNet, CDLNetConfig
 from sparsefold.models.cscnet import CSCNet, CSCNetConfig
+from sparsefold.models.dcea import DCEA, DCEAConfig, DCEAUCConfig
+from sparsefold.models.deep_ksvd import DeepKSVD, DeepKSVDConfig
 from sparsefold.models.dncnn import DnCNN, DnCNNConfig
+from sparsefold.models.lista import LISTA, LISTAConfig
 
 
 class ModelEntry(NamedTuple):
@@ -45,6 +49,16 @@ MODELS: dict[str, ModelEntry] = {
     "cscnet": ModelEntry(CSCNetConfig, CSCNet, "convolutional LISTA, strided, shift-averaged (Simon & Elad 2019)",
                          63_700),
     "dncnn": ModelEntry(DnCNNConfig, DnCNN, "17-layer residual CNN baseline (Zhang et al. 2017)", 556_096),
+    "cdlnet": ModelEntry(CDLNetConfig, CDLNet,
+                         "untied conv. LISTA, noise-adaptive thresholds (Janjušević et al. 2022)", 64_000),
+    "dcea_c": ModelEntry(DCEAConfig, DCEA,
+                         "exp.-family conv. dictionary auto-encoder, tied (Tolooshams 2020)", 20_618),
+    "dcea_uc": ModelEntry(DCEAUCConfig, DCEA,
+                          "exp.-family conv. dictionary auto-encoder, untied (Tolooshams 2020)", 61_516),
+    "lista": ModelEntry(LISTAConfig, LISTA, "LISTA on overlapping 8×8 patches, tied or untied (Gregor & LeCun 2010)",
+                        98_560),
+    "deep_ksvd": ModelEntry(DeepKSVDConfig, DeepKSVD,
+                            "patch ISTA with MLP-predicted λ, learned averaging (Scetbon et al. 2021)", 35_138),
 }
 
 
@@ -59,4 +73,6 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-__all__ = ["MODELS", "ModelEntry", "build_model", "count_parameters", "CSCNet", "CSCNetConfig", "DnCNN", "DnCNNConfig"]
+__all__ = ["MODELS", "ModelEntry", "build_model", "count_parameters", "CDLNet", "CDLNetConfig", "CSCNet",
+           "CSCNetConfig", "DCEA", "DCEAConfig", "DCEAUCConfig", "DeepKSVD", "DeepKSVDConfig", "DnCNN", "DnCNNConfig",
+           "LISTA", "LISTAConfig"]

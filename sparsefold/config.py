@@ -180,6 +180,7 @@ class TrainerConfig:
     progress: bool = True
     threads: int = 0
     depth_stages: tuple[int, ...] = ()
+    budget_cpu_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         check(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
@@ -206,6 +207,7 @@ class TrainerConfig:
         check(all(d >= 1 for d in self.depth_stages) and list(self.depth_stages) == sorted(set(self.depth_stages)),
               "depth_stages", f"must be increasing depths >= 1, got {list(self.depth_stages)}")
         check(len(self.depth_stages) <= self.max_steps, "depth_stages", "more stages than max_steps")
+        check(self.budget_cpu_seconds >= 0, "budget_cpu_seconds", f"must be >= 0 (0: no budget), got {self.budget_cpu_seconds}")
 
 
 @dataclass(frozen=True, kw_only=True)

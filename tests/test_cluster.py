@@ -254,9 +254,10 @@ def test_rayjob_overrides_are_valid_sparsefold_config():
 
 def test_rayjob_config_file_and_storage(tmp_path):
     """The entrypoint's config comes from the ConfigMap mounted on the head; with the overrides it loads,
-    and Ray's storage_path (derived from trainer.output_dir) is the shared volume every pod mounts."""
-    from sparsefold.config import load_config
+    and Ray's storage_path (trainer.output_dir) is a bucket URL or on the shared volume every pod mounts."""
+    from sparsefold.config import is_url, load_config
     from sparsefold.trainers.loop import run_dir_of
+    from sparsefold.trainers.ray_train import storage_of
 
     job = rayjob()
     config_path, overrides = entrypoint()
@@ -272,8 +273,12 @@ def test_rayjob_config_file_and_storage(tmp_path):
 
     cfg = load_config(local, overrides)
     out = cfg.trainer.output_dir
-    assert "://" not in out and PurePosixPath(out).is_absolute(), "output_dir is a path, not a URI"
-    assert run_dir_of(cfg).parent == Path(out), "Ray's storage_path must be exactly trainer.output_dir"
+    storage, name, _ = storage_of(cfg)
+    assert storage == out.rstrip("/") and name == run_dir_of(cfg).name, "Ray's storage_path is trainer.output_dir"
+    if is_url(out):  # a bucket: Ray Train writes there itself, nothing to mount
+        assert cfg.trainer.use_ray
+        return
+    assert PurePosixPath(out).is_absolute(), "a relative output_dir would land in the job's temporary directory"
     (workers,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     for spec in (head, workers["template"]["spec"]):
         claims = {v["name"] for v in spec["volumes"] if "persistentVolumeClaim" in v}
@@ -311,7 +316,7 @@ def test_readme_train_commands_are_valid():
     from sparsefold.config import load_config
 
     text = (CLUSTER / "README.md").read_text().replace("\\\n", " ")
-    commands = re.findall(r"sparsefold train (\S+)((?:\s+[a-z_]+\.[a-z_]+=\S+)*)", text)
+    commands = re.findall(r"sparsefold (?:train|launch) (\S+)((?:\s+[a-z_]+\.[a-z_]+=\S+)*)", text)
     assert commands
     for config, overrides in commands:
         if config.startswith("cluster/"):

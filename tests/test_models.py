@@ -21,6 +21,11 @@ from sparsefold.models import MODELS, CSCNetConfig, DnCNNConfig, build_model, co
 SMALL: dict[str, dict[str, Any]] = {
     "cscnet": dict(depth=3, filters=16, kernel_size=7, stride=4),
     "dncnn": dict(depth=5, features=16),
+    "lista": dict(patch_size=4, atoms=16, depth=3, tied=False),
+    "deep_ksvd": dict(patch_size=4, atoms=16, depth=2),
+    "cdlnet": dict(depth=3, filters=8, kernel_size=5),
+    "dcea_c": dict(depth=3, filters=16, kernel_size=7, stride=4),
+    "dcea_uc": dict(depth=3, filters=16, kernel_size=7, stride=4),
 }
 
 # Odd sizes on purpose (not multiples of any stride), and a batch > 1.
@@ -206,3 +211,30 @@ def test_cscnet_stride_larger_than_kernel_is_rejected() -> None:
         CSCNetConfig(stride=12, kernel_size=11)
     with pytest.raises(ConfigError, match=r"^model\.stride"):
         dataclass_from_dict(CSCNetConfig, {"stride": 12, "kernel_size": 11}, "model")
+
+
+# ------------------------------------------------------------------ through the trainer
+
+
+def run_overrides(name: str) -> list[str]:
+    """``section.key=value`` overrides that train ``SMALL[name]`` a few steps (noise matched to the model)."""
+    cfg = small_config(name)
+    out = [f"model.name={name}"] + [f"model.{k}={v}" for k, v in SMALL.get(name, {}).items()]
+    if hasattr(cfg, "likelihood"):  # likelihood models need the matching noise
+        out += [f"noise.kind={cfg.likelihood}", f"noise.peak={getattr(cfg, 'peak', 4.0)}",
+                f"noise.trials={getattr(cfg, 'trials', 1)}"]
+    return out
+
+
+def test_trains_through_the_plain_loop(name: str, tiny_overrides: list[str]) -> None:
+    """Every registered model trains a few steps with the one training loop and scores a validation image."""
+    from sparsefold.config import load_config
+    from sparsefold.trainers.loop import train
+
+    over = [o for o in tiny_overrides if not o.startswith("model.")] + run_overrides(name) + [
+        "trainer.max_steps=2", "trainer.val_every=2", "trainer.ckpt_every=2", "data.val_images=1",
+        "data.patch_size=32", "data.batch_size=2", f"trainer.run_name=plain-{name}",
+    ]
+    out = train(load_config(None, over))
+    assert out["steps"] == 2 and out["nonfinite_steps"] == 0
+    assert out["checkpoint"] and out["val_psnr"] is not None and out["val_psnr"] > 5

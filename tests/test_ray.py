@@ -41,3 +41,45 @@ def test_two_worker_ddp(ray_cluster, tiny_overrides, tmp_path):
     assert ckpt.is_dir() and str(ckpt).startswith(str(tmp_path))
     model, meta = load_model(ckpt)
     assert meta["state"]["step"] == 16
+
+
+def _train_each(config: dict) -> list[dict]:
+    """Worker loop of the zoo test: the package's own per-worker loop, once per run config. The runs share
+    one Ray run (one start-up), so a run must not resume from the previous model's checkpoint in it."""
+    from sparsefold.trainers import ray_train
+
+    ray_train.resume_checkpoint = lambda ctx, restored: None
+    return [ray_train.train_loop_per_worker({"run": run}) for run in config["runs"]]
+
+
+def test_every_model_through_ray_ddp(ray_cluster, tiny_overrides, tmp_path):
+    """Every registered model trains 2 steps under 2-worker DDP (gloo) in ONE TorchTrainer (one ~30 s start-up)."""
+    import importlib.util
+    import sys
+
+    import ray.cloudpickle
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from sparsefold.models import MODELS
+
+    spec = importlib.util.spec_from_file_location("_zoo_models", Path(__file__).with_name("test_models.py"))
+    zoo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(zoo)  # SMALL configs and run_overrides() of the registry contract tests
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    runs = []
+    for i, name in enumerate(sorted(MODELS)):  # distinct step counts: checkpoint names step_<n> stay unique
+        over = [o for o in tiny_overrides if not o.startswith("model.")] + zoo.run_overrides(name) + [
+            "trainer.use_ray=true", "trainer.workers=2", f"trainer.max_steps={2 + i}", f"trainer.val_every={2 + i}",
+            "data.val_images=1", "data.patch_size=32", "data.batch_size=2", f"trainer.run_name=ray-{name}",
+        ]
+        runs.append(load_config(None, over).to_dict())
+    trainer = TorchTrainer(
+        _train_each, train_loop_config={"runs": runs},
+        scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.9}),
+        run_config=ray.train.RunConfig(name="zoo", storage_path=str(tmp_path / "ray")),
+    )
+    result = trainer.fit()
+    outs = result.return_value
+    assert [o["steps"] for o in outs] == [2 + i for i in range(len(MODELS))]
+    assert all(o["nonfinite_steps"] == 0 and o["val_psnr"] > 5 for o in outs), outs

@@ -131,3 +131,16 @@ def test_test_time_adaptation_fits_the_image_and_leaves_the_model_alone():
         assert torch.equal(v, before[k]), f"{k} changed in the original model"
     assert any(not torch.equal(v, before[k]) for k, v in adapted.state_dict().items())
     assert adapt_to_image(model, noisy, steps=0) is model
+
+
+def test_cpu_budget_stops_the_run_and_drives_the_schedule(tiny_overrides):
+    from sparsefold.trainers.loop import lr_at, train
+
+    cfg = load_config(None, tiny_overrides + [
+        "trainer.max_steps=100000", "trainer.budget_cpu_seconds=3", "trainer.val_every=100000",
+        "trainer.ckpt_every=100000", "trainer.run_name=budget", "data.val_images=1", "optim.schedule=cosine",
+    ])
+    out = train(cfg)
+    assert 1 <= out["steps"] < 100000 and out["checkpoint"] and out["val_psnr"] is not None
+    assert lr_at(10, cfg, progress=1.0) == pytest.approx(cfg.optim.lr * cfg.optim.min_lr_ratio)
+    assert lr_at(10, cfg, progress=0.0) == pytest.approx(cfg.optim.lr)

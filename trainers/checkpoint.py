@@ -1,22 +1,43 @@
-"""Checkpoints without pickle: safetensors weights + JSON config/state + a weights-only optimizer file.
+"""Checkpoints without pickle: safetensors weights + JSON config/state + a weights-only optimizer file,
+every file pinned by a SHA-256 manifest.
 
 Layout of one checkpoint directory::
 
     model.safetensors     model weights (safetensors; tensors only)
     config.json           {"model": {...}, "run": {...full RunConfig...}, "format": 1}
-    state.json            {"step", "epoch", "batch_in_epoch", "metrics", ...}
+    state.json            {"step", "epoch", "batch_in_epoch", "lr_scale", "rollbacks", "metrics", ...}
     optimizer.pt          optimizer state_dict (tensors + numbers), loaded with weights_only=True
+    manifest.json         {"format": 1, "files": {name: {"sha256", "bytes"}}}, written last
 
-A checkpoint is written into ``<name>.tmp-<pid>`` and renamed into place, so a half-written one is
-never loaded; ``latest_checkpoint`` only considers complete directories.
+Atomicity: a checkpoint is written (and fsynced) into ``<name>.tmp-<pid>`` and renamed into place, so a
+crash leaves either the old state or a ``.tmp-`` directory that nothing loads. A copy that can still be
+partial (Ray copying our directory into its storage, a truncated upload) is caught by the manifest: a
+file that is missing, has the wrong size or the wrong SHA-256 makes the whole checkpoint invalid, and
+:func:`latest_checkpoint` falls back to the next older valid one. The same check refuses a tampered
+file (e.g. an ``optimizer.pt`` swapped for a pickle with a malicious ``__reduce__``); even a matching
+manifest would not make that file run code, since ``torch.load(weights_only=True)`` refuses it. (The
+manifest guards integrity, not authorship: whoever can write the storage can rewrite it; what keeps that
+harmless is that nothing loaded from a checkpoint can execute code.)
+
+Resuming needs a manifest. Loading weights for inference (:func:`load_model`) verifies it when present
+and accepts older checkpoints without one (safetensors + JSON: nothing in them executes).
+
+Which checkpoint is "the latest" is decided from the checkpoints themselves (the ``step`` in each valid
+one's state.json), never from a pointer file or from Ray's bookkeeping, which after a crash can name an
+older one (../shared/notes/ray-wds-wandb-2.60.md §1.5). :func:`latest_in_storage` does the same on any
+``pyarrow.fs`` filesystem (Ray's storage: local, NFS, S3, GCS).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
 import json
 import os
 import shutil
+import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +49,30 @@ from sparsefold.config import RunConfig, dataclass_from_dict, to_dict
 
 FORMAT = 1
 WEIGHTS, CONFIG, STATE, OPTIM = "model.safetensors", "config.json", "state.json", "optimizer.pt"
+MANIFEST = "manifest.json"
+REQUIRED = (WEIGHTS, CONFIG, STATE)
+PREFIXES = ("step_", "checkpoint_")  # ours (plain and Ray), and Ray's default checkpoint_<timestamp>
 BUNDLED_DIR = Path(str(importlib.resources.files("sparsefold"))) / "bundled"  # models shipped in the package
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete, tampered with or not ours."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(
@@ -42,7 +82,7 @@ def save_checkpoint(
     state: dict[str, Any],
     optimizer: torch.optim.Optimizer | None = None,
 ) -> Path:
-    """Atomically write a checkpoint directory; returns its final path."""
+    """Atomically write a checkpoint directory (temp dir, fsync, manifest, rename); returns its path."""
     final = Path(directory)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -53,25 +93,131 @@ def save_checkpoint(
     (tmp / STATE).write_text(json.dumps(state, indent=1))
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / OPTIM)
-    if final.exists():
-        shutil.rmtree(final)
+    files = {}
+    for name in sorted(p.name for p in tmp.iterdir()):
+        _fsync(tmp / name)
+        files[name] = {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
+    (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "files": files}, indent=1))
+    _fsync(tmp / MANIFEST)
+    _fsync(tmp)
+    old = final.with_name(f"{final.name}.tmp-old-{os.getpid()}")
+    if final.exists():  # re-saving a step (after a rollback): keep the old one until the new is in place
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
     os.replace(tmp, final)
+    _fsync(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def verify_checkpoint(directory: str | Path, require_manifest: bool = True) -> None:
+    """Raise :class:`CheckpointError` (one line) unless every file of ``directory`` matches its manifest.
+
+    Checked: the required files exist, the manifest lists them (and ``optimizer.pt`` when present), and
+    each listed file has the recorded size and SHA-256. Without a manifest: an error if
+    ``require_manifest``, else only the structure is checked (legacy / bundled checkpoints)."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: not a checkpoint directory")
+    if ".tmp-" in d.name:
+        raise CheckpointError(f"{d}: a temporary (half-written) checkpoint")
+    missing = [f for f in REQUIRED if not (d / f).is_file()]
+    if missing:
+        raise CheckpointError(f"{d}: incomplete checkpoint (missing {', '.join(missing)})")
+    if not (d / MANIFEST).is_file():
+        if require_manifest:
+            raise CheckpointError(f"{d}: no {MANIFEST}; refusing to resume from an unverifiable checkpoint")
+        return
+    try:
+        manifest = json.loads((d / MANIFEST).read_text())
+        files = manifest["files"]
+        assert manifest.get("format") == FORMAT and isinstance(files, dict)
+    except Exception:  # noqa: BLE001  (unreadable, not JSON, wrong shape)
+        raise CheckpointError(f"{d / MANIFEST}: not a sparsefold checkpoint manifest") from None
+    needed = list(REQUIRED) + ([OPTIM] if (d / OPTIM).exists() else [])
+    unlisted = [f for f in needed if f not in files]
+    if unlisted:
+        raise CheckpointError(f"{d}: {', '.join(unlisted)} not in {MANIFEST} (foreign file?)")
+    for name, rec in files.items():
+        p = d / name
+        if "/" in name or name.startswith("."):
+            raise CheckpointError(f"{d / MANIFEST}: bad file name {name!r}")
+        if not p.is_file():
+            raise CheckpointError(f"{p}: missing (listed in {MANIFEST})")
+        if p.stat().st_size != rec.get("bytes") or sha256_file(p) != rec.get("sha256"):
+            raise CheckpointError(f"{p}: SHA-256/size does not match {MANIFEST} (truncated or tampered)")
+
+
 def is_complete(directory: Path) -> bool:
-    return directory.is_dir() and ".tmp-" not in directory.name and all(
-        (directory / f).is_file() for f in (WEIGHTS, CONFIG, STATE)
-    )
+    """Structurally complete (required files present, not a temp dir); see :func:`verify_checkpoint`."""
+    return directory.is_dir() and ".tmp-" not in directory.name and all((directory / f).is_file() for f in REQUIRED)
 
 
-def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
-    """The complete ``step_*`` checkpoint with the highest step, or None."""
+def checkpoint_step(directory: Path) -> int:
+    """The step recorded in a checkpoint's state.json."""
+    try:
+        return int(json.loads((Path(directory) / STATE).read_text())["step"])
+    except Exception:  # noqa: BLE001
+        raise CheckpointError(f"{Path(directory) / STATE}: unreadable or no step") from None
+
+
+def _warn(msg: str) -> None:
+    print(f"[sparsefold] {msg}", file=sys.stderr, flush=True)
+
+
+def latest_checkpoint(checkpoints_dir: str | Path, warn: bool = True) -> Path | None:
+    """The valid checkpoint (manifest verified) with the highest step in state.json, or None.
+
+    Considers ``step_*`` (ours) and ``checkpoint_*`` (Ray's default names) subdirectories; temp dirs,
+    incomplete, truncated or tampered ones are skipped (with a warning on stderr)."""
     d = Path(checkpoints_dir)
     if not d.is_dir():
         return None
-    done = [p for p in d.glob("step_*") if is_complete(p)]
-    return max(done, key=lambda p: int(p.name.split("_")[1])) if done else None
+    ranked = []
+    for p in d.iterdir():
+        if p.is_dir() and p.name.startswith(PREFIXES) and ".tmp-" not in p.name:
+            try:
+                ranked.append((checkpoint_step(p), p.name, p))
+            except CheckpointError as e:
+                if warn:
+                    _warn(f"skipping checkpoint: {e}")
+    for _, _, p in sorted(ranked, reverse=True):
+        try:
+            verify_checkpoint(p)
+            return p
+        except CheckpointError as e:
+            if warn:
+                _warn(f"skipping checkpoint: {e}")
+    return None
+
+
+def latest_in_storage(fs: Any, root: str, download_to: str | Path | None = None) -> Path | None:
+    """:func:`latest_checkpoint` on a ``pyarrow.fs`` filesystem (Ray's run storage).
+
+    Local filesystems are checked in place. Remote ones: ``step_*`` directories are tried from the highest
+    step down (the step is in the name), each downloaded into ``download_to`` (default: a new temp dir)
+    and verified there; returns the local copy of the first valid one."""
+    import pyarrow.fs as pafs
+
+    if isinstance(fs, pafs.LocalFileSystem):
+        return latest_checkpoint(root)
+    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    names = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory
+                    and i.base_name.startswith("step_") and ".tmp-" not in i.base_name), reverse=True)
+    dest = Path(download_to or tempfile.mkdtemp(prefix="sparsefold-ckpt-"))
+    for name in names:
+        local = dest / name
+        shutil.rmtree(local, ignore_errors=True)
+        local.mkdir(parents=True)
+        pafs.copy_files(f"{root.rstrip('/')}/{name}", str(local), source_filesystem=fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        try:
+            verify_checkpoint(local)
+            return local
+        except CheckpointError as e:
+            _warn(f"skipping checkpoint {root}/{name}: {e}")
+            shutil.rmtree(local, ignore_errors=True)
+    return None
 
 
 def prune_checkpoints(checkpoints_dir: Path, keep: int) -> None:
@@ -86,13 +232,14 @@ def prune_checkpoints(checkpoints_dir: Path, keep: int) -> None:
 
 
 def resolve_checkpoint(ref: str | Path) -> Path:
-    """A checkpoint directory from a path (directory or its model.safetensors) or a bundled model name."""
+    """A checkpoint directory from a path (directory or its model.safetensors) or a bundled model name.
+    A run directory (plain: ``<run>/checkpoints/step_*``; Ray: ``<run>/step_*``) gives its latest valid one."""
     p = Path(ref)
     if p.is_file() and p.name == WEIGHTS:
         p = p.parent
     if p.is_dir():
-        if (p / "checkpoints").is_dir() and not (p / WEIGHTS).exists():
-            latest = latest_checkpoint(p / "checkpoints")  # a run directory: its latest checkpoint
+        if not (p / WEIGHTS).exists() and ((p / "checkpoints").is_dir() or any(p.glob("step_*"))):
+            latest = latest_checkpoint(p / "checkpoints") or latest_checkpoint(p)  # a run directory
             if latest is None:
                 raise CheckpointError(f"{p}: run directory has no complete checkpoint")
             return latest
@@ -116,34 +263,78 @@ def read_config(directory: Path) -> dict[str, Any]:
     return meta
 
 
+def _load_weights(directory: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(directory / WEIGHTS), device=device)
+    except Exception as e:  # safetensors raises its own error types on a corrupt header
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{directory / WEIGHTS}: not a valid safetensors file ({msg})") from None
+
+
+def _load_strict(model: nn.Module, weights: dict[str, torch.Tensor], directory: Path, name: str) -> None:
+    own = model.state_dict()
+    missing, unexpected = set(own) - set(weights), set(weights) - set(own)
+    shapes = sorted(k for k in set(own) & set(weights) if own[k].shape != weights[k].shape)
+    if missing or unexpected or shapes:
+        raise CheckpointError(f"{directory}: weights do not match {name} (missing {sorted(missing)[:3]}, "
+                              f"unexpected {sorted(unexpected)[:3]}, wrong shape {shapes[:3]})")
+    model.load_state_dict(weights)
+
+
 def load_model(ref: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Build the model a checkpoint describes and load its weights (strict). Returns (model, meta)."""
     from sparsefold.models import MODELS, build_model
 
     directory = resolve_checkpoint(ref)
+    verify_checkpoint(directory, require_manifest=False)
     meta = read_config(directory)
     name = meta["model"].get("name")
     if name not in MODELS:
         raise CheckpointError(f"{directory}: unknown model {name!r}")
     model = build_model(dataclass_from_dict(MODELS[name].config, meta["model"], "model"))
-    try:
-        weights = load_file(str(directory / WEIGHTS), device=str(device))
-    except Exception as e:  # safetensors raises its own error types on a corrupt header
-        raise CheckpointError(f"{directory / WEIGHTS}: not a valid safetensors file ({e})") from None
-    missing, unexpected = set(model.state_dict()) - set(weights), set(weights) - set(model.state_dict())
-    if missing or unexpected:
-        raise CheckpointError(f"{directory}: weights do not match {name} (missing {sorted(missing)[:3]}, "
-                              f"unexpected {sorted(unexpected)[:3]})")
-    model.load_state_dict(weights)
+    _load_strict(model, _load_weights(directory, str(device)), directory, name)
     meta["state"] = json.loads((directory / STATE).read_text())
     meta["path"] = str(directory)
     return model.to(device), meta
 
 
 def load_training_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore weights and optimizer (weights_only=True, no pickle); return state.json."""
-    weights = load_file(str(directory / WEIGHTS), device="cpu")
-    model.load_state_dict(weights)
+    """Verify the manifest, then restore weights and optimizer (``weights_only=True``: no pickle code
+    runs); return state.json."""
+    directory = Path(directory)
+    verify_checkpoint(directory, require_manifest=True)
+    _load_strict(model, _load_weights(directory), directory, type(model).__name__)
     if (directory / OPTIM).is_file():
-        optimizer.load_state_dict(torch.load(directory / OPTIM, map_location="cpu", weights_only=True))
+        try:
+            optimizer.load_state_dict(torch.load(directory / OPTIM, map_location="cpu", weights_only=True))
+        except Exception as e:  # noqa: BLE001  (weights_only refuses anything but tensors/containers)
+            lines = [ln for ln in str(e).splitlines() if ln.strip()]
+            why = next((ln for ln in lines if "GLOBAL" in ln), lines[0] if lines else type(e).__name__)
+            raise CheckpointError(f"{directory / OPTIM}: refused (not a weights-only file: {why.rstrip('.')}); "
+                                  "it was not unpickled") from None
     return json.loads((directory / STATE).read_text())
+
+
+def fault_hook(event: str, rank: int, step: int) -> None:
+    """Test hook for the fault-tolerance tests, inert unless ``SPARSEFOLD_FAULT_DIR`` is set.
+
+    ``start``: write this process's pid to ``<dir>/rank<r>.pid`` (so a test can SIGKILL one worker).
+    ``checkpoint``: while ``<dir>/hold`` exists and holds ``step``, wait (at most 10 min), so a test can
+    kill a process at a known point after that checkpoint is on disk."""
+    d = os.environ.get("SPARSEFOLD_FAULT_DIR")
+    if not d:
+        return
+    d = Path(d)
+    if event == "start":
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"rank{rank}.pid.tmp").write_text(str(os.getpid()))
+        os.replace(d / f"rank{rank}.pid.tmp", d / f"rank{rank}.pid")
+        return
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        try:
+            if int((d / "hold").read_text().strip() or -1) != step:
+                return
+        except (OSError, ValueError):
+            return
+        time.sleep(0.05)

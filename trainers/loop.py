@@ -3,7 +3,14 @@ by passing a :class:`Dist` with its rank, DDP wrapper and report hook. Nothing h
 
 Step-based: every rank draws batches from its own part of the shards (PatchStream splits by rank and
 loader worker), looping epochs, so ranks never run out at different times. Validation, checkpoints
-and W&B happen on rank 0; with Ray, every rank calls ``report`` at each validation (it is a barrier).
+and W&B happen on rank 0; with Ray, every rank calls ``report`` at each validation/checkpoint (it is
+a barrier).
+
+Resume and faults: a run resumes from its latest valid checkpoint (weights, optimizer, data position,
+lr scale); every step reseeds the global RNG from (seed, rank, step), so resumed == uninterrupted bit
+for bit on CPU. A non-finite loss or gradient (decided on all ranks at once) skips the step;
+``trainer.rollback_after`` such steps in a row restore the last checkpoint (kept in memory) and multiply
+the learning rate by ``trainer.rollback_lr_factor``.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from torch import nn
 
 from sparsefold.config import RunConfig, is_url, to_dict
 from sparsefold.datasets import PatchStream, check_shard_count, make_loader, train_urls, val_files
+from sparsefold.datasets.patches import stable_seed
 from sparsefold.models import build_model, count_parameters
 from sparsefold.runtime import runtime_for, staging_root
 from sparsefold.trainers.checkpoint import (
@@ -66,13 +74,14 @@ def run_dir_of(cfg: RunConfig) -> Path:
     return staging_root() / name if is_url(out) else Path(out).expanduser().resolve() / name
 
 
-def lr_at(step: int, cfg: RunConfig) -> float:
-    """Learning rate of step ``step`` (0-based): linear warm-up, then constant / cosine / step decay."""
+def lr_at(step: int, cfg: RunConfig, progress: float | None = None) -> float:
+    """Learning rate of step ``step`` (0-based): linear warm-up, then constant / cosine / step decay.
+    ``progress`` in [0, 1] overrides step/max_steps for the cosine (a CPU-time budget's fraction)."""
     o, total = cfg.optim, cfg.trainer.max_steps
     if step < o.warmup_steps:
         return o.lr * (step + 1) / o.warmup_steps
     if o.schedule == "cosine":
-        t = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+        t = (step - o.warmup_steps) / max(1, total - o.warmup_steps) if progress is None else progress
         return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
     if o.schedule == "step":
         return o.lr * o.gamma ** (step // o.step_size)
@@ -102,12 +111,27 @@ def batches(ds: PatchStream, loader: Any, epoch: int, skip: int) -> Iterator[tup
         epoch, skip = epoch + 1, 0
 
 
-def depth_at(step: int, cfg: RunConfig) -> int | None:
-    """Unfolding depth of step ``step`` under ``trainer.depth_stages`` (equal shares of max_steps), or None."""
+def depth_at(step: int, cfg: RunConfig, progress: float | None = None) -> int | None:
+    """Unfolding depth of step ``step`` under ``trainer.depth_stages`` (equal shares of max_steps, or of
+    the budget's ``progress``), or None."""
     stages = cfg.trainer.depth_stages
     if not stages:
         return None
-    return stages[min(step * len(stages) // cfg.trainer.max_steps, len(stages) - 1)]
+    frac = step / cfg.trainer.max_steps if progress is None else progress
+    return stages[min(int(frac * len(stages)), len(stages) - 1)]
+
+
+def budget_progress(step: int, cpu_seconds: float, cfg: RunConfig, world_size: int) -> float | None:
+    """Fraction of the training done under ``trainer.budget_cpu_seconds``: max(steps, CPU time) used,
+    the largest over ranks (one all-reduce), so every rank stops at the same step. None without a budget."""
+    budget = cfg.trainer.budget_cpu_seconds
+    if budget <= 0:
+        return None
+    frac = torch.tensor([max(step / cfg.trainer.max_steps, cpu_seconds / budget)], dtype=torch.float64)
+    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        frac = frac.float()
+        torch.distributed.all_reduce(frac, op=torch.distributed.ReduceOp.MAX)
+    return min(float(frac), 1.0)
 
 
 def unfolding_metrics(model: nn.Module) -> dict[str, float]:
@@ -183,18 +207,21 @@ def train(cfg: RunConfig, dist: Dist | None = None) -> dict[str, Any]:
     cpu0, cpu_base = _cpu_seconds(), state.get("cpu_seconds", 0.0)
     t_start, win_t, win_n = time.perf_counter() - state["seconds"], time.perf_counter(), 0
     grad_norm, depth = float("nan"), None
-    while state["step"] < t.max_steps:
+    progress = None
+    while state["step"] < t.max_steps and progress != 1.0:
         epoch, index, b = next(stream)
+        torch.manual_seed(stable_seed("step", t.seed, dist.rank, state["step"]))  # randomness = f(step): resumable
         noisy, clean = b["noisy"].to(rt.device, non_blocking=True), b["clean"].to(rt.device, non_blocking=True)
         sigma = b["sigma"].to(rt.device, non_blocking=True)
-        depth = depth_at(state["step"], cfg)
+        progress = budget_progress(state["step"], cpu_base + _cpu_seconds() - cpu0, cfg, dist.world_size)
+        depth = depth_at(state["step"], cfg, progress)
         if depth is not None and depth != getattr(model, "active_depth", None):
             model.set_depth(depth)  # incremental depth: the deeper model warm-starts from the shorter one
             model.active_depth = depth
             if main:
                 print(f"[sparsefold] step {state['step']}: unfolding depth {depth}", file=sys.stderr, flush=True)
         for g in opt.param_groups:
-            g["lr"] = lr_at(state["step"], cfg) * state["lr_scale"]  # lr_scale < 1 after rollbacks
+            g["lr"] = lr_at(state["step"], cfg, progress) * state["lr_scale"]  # lr_scale < 1 after rollbacks
         net.train()
         with rt.autocast():
             loss = net(noisy, clean, sigma)  # loss.kind, see trainers/losses.py
@@ -242,7 +269,7 @@ def train(cfg: RunConfig, dist: Dist | None = None) -> dict[str, Any]:
                 bar.n = state["step"]
                 bar.refresh()
             continue
-        step, last = state["step"], state["step"] == t.max_steps
+        step, last = state["step"], state["step"] == t.max_steps or progress == 1.0  # steps or CPU budget spent
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.2e}", lr=f"{g['lr']:.1e}")
@@ -290,4 +317,5 @@ def train(cfg: RunConfig, dist: Dist | None = None) -> dict[str, Any]:
             "seconds": round(time.perf_counter() - t_start, 2), "val_psnr": metrics.get("val/psnr"),
             "val_ssim": metrics.get("val/ssim"), "samples": state["samples"], "skipped": state["skipped"],
             "nonfinite_steps": state["nonfinite_steps"], "rollbacks": state["rollbacks"], "lr_scale": state["lr_scale"],
-            "resumed_from_step": resumed_from, "params": count_parameters(model)}
+            "resumed_from_step": resumed_from, "params": count_parameters(model),
+            "cpu_seconds": round(cpu_base + _cpu_seconds() - cpu0, 1)}

@@ -135,7 +135,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     dist = Dist(
         rank=ctx.get_world_rank(),
         world_size=ctx.get_world_size(),
-        local_rank=ctx.get_local_rank(),
+        # GPU: the device Ray assigned this worker (prepare_model moves the model there too); with
+        # CUDA_VISIBLE_DEVICES shared by a node's workers it need not be cuda:<local rank>
+        local_rank=ray.train.torch.get_device().index if cfg.trainer.use_gpu else ctx.get_local_rank(),
         # incremental depth leaves the later layers of untied models unused in early stages
         wrap=lambda m: ray.train.torch.prepare_model(
             m, parallel_strategy="ddp",

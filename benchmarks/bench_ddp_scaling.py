@@ -1,0 +1,153 @@
+"""DDP scaling and Ray overhead on this machine: the same training loop, the same number of steps, three ways.
+
+    python benchmarks/bench_ddp_scaling.py --data ../shared/data/bsd432 --steps 60 \\
+        --out benchmarks/results/ddp_scaling.json
+
+  plain : ``sparsefold.trainers.loop.train`` in this process (``trainer.use_ray=false``)
+  ray1  : Ray Train, 1 worker  (``trainer.use_ray=true trainer.workers=1``)
+  ray2  : Ray Train, 2 workers (``trainer.workers=2``, DDP over gloo)
+
+Every run: the quickstart CSCNet (``--config``, default the packaged quickstart.yaml: T=10, 64 filters 7×7,
+stride 2, 8 × 64² patches per worker) on --data, 1 torch thread and 1 CPU per worker
+(``trainer.threads=1 trainer.cpus_per_worker=1``), the loader inside the training process
+(``data.num_workers=0``: on 2 cores, 2 ranks already take both), no validation images, W&B disabled, and one
+checkpoint at the end (``val_every = ckpt_every = steps``).
+
+Reported per run: ``loop_s`` -- the loop's own wall time as the loop measures it (rank 0; from the first
+batch request to the final checkpoint/report, so data start-up is included alike in every run), the samples
+processed by all ranks, samples/s, and the fixed cost around the loop (``wall_s - loop_s``: for Ray, worker
+group start, process group, teardown). Ratios:
+
+  ray_overhead     = loop_s(ray1) / loop_s(plain)            (1.0 = no per-step cost of running under Ray)
+  ddp_speedup      = samples/s(ray2) / samples/s(ray1)       (goal >= 1.8 on 2 cores, 1 thread per worker)
+  ddp_over_plain   = samples/s(ray2) / samples/s(plain)
+
+Use enough --steps that the start of the loop (shuffle-buffer fill, first batches) is amortized (60+ on a
+quiet machine); compare runs only at similar load averages (printed, and stored in the JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data", default="../shared/data/bsd432", help="training images (folder, shards or builtin:skimage)")
+    p.add_argument("--config", default="", help="training config YAML (default: the packaged quickstart)")
+    p.add_argument("--steps", type=int, default=60, help="optimizer steps of every run")
+    p.add_argument("--runs", nargs="+", default=["plain", "ray1", "ray2"], choices=["plain", "ray1", "ray2"])
+    p.add_argument("--cache-dir", default="", help="shard cache (default: ~/.cache/sparsefold)")
+    p.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray instance")
+    p.add_argument("--loader-workers", type=int, default=0, help="data.num_workers of every run")
+    p.add_argument("overrides", nargs="*", help="extra section.key=value for every run (e.g. model.depth=4)")
+    p.add_argument("--out", default="benchmarks/results/ddp_scaling.json")
+    return p.parse_args(argv)
+
+
+def run_config(a: argparse.Namespace, out_dir: Path, name: str, extra: list[str]) -> Any:
+    from sparsefold.cli import load_run_config
+
+    steps = a.steps
+    return load_run_config(a.config or None, [
+        f"data.train={a.data}", "data.shard_size=36", "data.val_images=0", f"data.num_workers={a.loader_workers}",
+        *([f"data.cache_dir={a.cache_dir}"] if a.cache_dir else []),
+        f"trainer.max_steps={steps}", f"trainer.val_every={steps}", f"trainer.ckpt_every={steps}",
+        f"trainer.log_every={steps}", "trainer.threads=1", "trainer.cpus_per_worker=1", "trainer.progress=false",
+        "trainer.keep_checkpoints=1", f"trainer.output_dir={out_dir}", f"trainer.run_name={name}",
+        "trainer.resume=false", "wandb.mode=disabled", *a.overrides, *extra])
+
+
+def measure(name: str, cfg: Any) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    if cfg.trainer.use_ray:
+        from sparsefold.trainers.ray_train import fit
+
+        out = fit(cfg)
+    else:
+        from sparsefold.trainers.loop import train
+
+        out = train(cfg)
+    wall = time.perf_counter() - t0
+    loop = float(out["seconds"])
+    row = {"run": name, "workers": cfg.trainer.workers if cfg.trainer.use_ray else 1, "steps": out["steps"],
+           "samples": out["samples"], "loop_s": round(loop, 3), "wall_s": round(wall, 3),
+           "fixed_s": round(wall - loop, 3), "samples_per_s": round(out["samples"] / loop, 2),
+           "batch_per_worker": cfg.data.batch_size}
+    print(f"{name:<5}: {row['steps']} steps, {row['samples']} samples in {loop:.1f} s loop "
+          f"({row['samples_per_s']:.1f} samples/s), {wall:.1f} s wall", file=sys.stderr, flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    load_start = os.getloadavg()
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    from sparsefold.runtime import configure_cpu_allocator
+
+    configure_cpu_allocator()
+    import torch
+
+    from sparsefold.datasets import train_urls
+
+    rows: dict[str, dict[str, Any]] = {}
+    ray_init_s = None
+    with tempfile.TemporaryDirectory(prefix="sparsefold-ddp-bench-") as tmp:
+        probe = run_config(a, Path(tmp), "probe", [])
+        t0 = time.perf_counter()
+        shards = len(train_urls(probe.data))  # build the shard cache before any timing
+        print(f"{shards} shards ({time.perf_counter() - t0:.1f} s to list/build)", file=sys.stderr)
+        for name in a.runs:
+            if name.startswith("ray") and ray_init_s is None:
+                import ray
+
+                t0 = time.perf_counter()
+                ray.init(address="local", num_cpus=a.cpus, log_to_driver=True)  # a new instance, never another one
+                ray_init_s = round(time.perf_counter() - t0, 2)
+            extra = [] if name == "plain" else ["trainer.use_ray=true", f"trainer.workers={name[-1]}"]
+            rows[name] = measure(name, run_config(a, Path(tmp), name, extra))
+        cfg = to_plain(probe)
+    if ray_init_s is not None:
+        ray.shutdown()
+    ratios = {}
+    if "plain" in rows and "ray1" in rows:
+        ratios["ray_overhead"] = round(rows["ray1"]["loop_s"] / rows["plain"]["loop_s"], 3)
+    if "ray1" in rows and "ray2" in rows:
+        ratios["ddp_speedup"] = round(rows["ray2"]["samples_per_s"] / rows["ray1"]["samples_per_s"], 3)
+    if "plain" in rows and "ray2" in rows:
+        ratios["ddp_over_plain"] = round(rows["ray2"]["samples_per_s"] / rows["plain"]["samples_per_s"], 3)
+    for k, v in ratios.items():
+        print(f"{k}: {v}" + ("  (goal >= 1.8)" if k == "ddp_speedup" else ""), file=sys.stderr)
+    load_end = os.getloadavg()
+    result = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
+        "python": platform.python_version(), "cpus": os.cpu_count(), "loadavg_start": list(load_start),
+        "loadavg_end": list(load_end), "args": vars(a), "config": cfg, "shards": shards,
+        "ray_init_s": ray_init_s, "runs": list(rows.values()), "ratios": ratios,
+    }
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"load average: start {load_start[0]:.2f} / end {load_end[0]:.2f} on {os.cpu_count()} CPUs "
+          "(> ~0.5 at the start means contended numbers)", file=sys.stderr)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def to_plain(cfg: Any) -> dict[str, Any]:
+    d = cfg.to_dict()
+    d["trainer"] = {k: v for k, v in d["trainer"].items() if k not in ("output_dir", "run_name")}
+    return d
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+r"""DCEA: convolutional dictionary-learning auto-encoders for natural exponential-family data
+(Tolooshams, Song, Temereanca & Ba, ICML 2020; official code github.com/btolooshams/dea, src/model.py).
+
+Generative model (c the counts of the observation, see :mod:`.likelihoods`; x ≥ 0 sparse codes):
+
+    c ~ p(c | η),   η = H x + μ,   E[c] = f⁻¹(η),   f⁻¹ = identity / exp / n·sigmoid (Gauss. / Poisson / Binom.)
+
+Problem (sparse coding under the exponential-family NLL, one-sided ℓ₁):
+
+    x̂ = argmin_{x ≥ 0}  Σ_pixels nll(H x + μ, c) + ⟨b, x⟩
+
+Classical iteration (proximal gradient, step 1/L, L = κ·‖H‖²₂, κ the link's curvature bound: 1, peak, n/4;
+the gradient of the NLL w.r.t. η is f⁻¹(η) − c, so the residual is formed in the mean domain):
+
+    x_{t+1} = ReLU( x_t + (1/L) Hᵀ (c − f⁻¹(H x_t + μ)) − b/L )
+
+Learned iteration (T unfoldings, all weights tied across t, step 1/L absorbed into H at initialization):
+
+    x_0     = 0
+    r_t     = c − f⁻¹(H x_t + μ)                        (Eq. 1, residual in the mean domain)
+    r_t     ← ELU_{α=peak}(r_t)                          (Eq. 1', Poisson only, ``residual_elu``)
+    x_{t+1} = ReLU(x_t + W_e r_t − b)                    (Eq. 2, one-sided threshold per filter)
+    η̂      = W_d x_T + μ,   x̂ = mean(η̂)                (Eq. 3; x̂ = exp(η̂)/peak, sigmoid(η̂) or η̂)
+
+DCEA-C (``dcea_c``) ties W_e = W_d = H; DCEA-UC (``dcea_uc``) learns H, W_e, W_d separately. The stride-s
+filters run on the s² shifted copies of the padded observation and η̂ is averaged over the aligned copies,
+exactly as in CSCNet (``_ops.shift_stack`` / ``shift_average``; the official code averages η̂ too).
+
+Offset μ. The official code uses μ = 0, so an untrained Poisson model starts from exp(0) = 1 count
+everywhere. Here ``mu=None`` (default) sets μ per image and channel to the natural parameter of the
+observed mean intensity, μ = log(peak·ȳ) / logit(ȳ) / ȳ (no parameter; the codes model the deviations
+from the mean); a number fixes μ (``mu=0`` is the official behaviour, the unsupervised test plants one).
+
+ELU. The official 2-D code applies ELU(α=peak) to the Poisson residual (``"nonlin": "ELU"``; it is not
+in the paper's equations). It bounds r ≥ −peak when exp(Hx + μ) overshoots early in training; it keeps the
+sign of r, so r = 0 stays the fixed point, but the iteration is no longer exact proximal gradient on the
+Poisson NLL. Kept by default (``residual_elu=True``); ``False`` gives the exact iteration.
+
+Symbol → attribute:
+
+    ==========  ================================================  ===================================
+    symbol      attribute                                         shape
+    ==========  ================================================  ===================================
+    H           ``self.H`` (inside the residual)                  (K, C, k, k)
+    W_e, W_d    ``self.H`` (tied) / ``self.W_e``, ``self.W_d``    (K, C, k, k)
+    b           ``self.threshold``                                (K,)  one per filter, shared by all t
+    μ           ``config.mu`` or the per-image mean (above)       (B, C, 1, 1)
+    c           ``likelihoods.counts(y)``: y, peak·y, n·y         (B, C, H, W)
+    T, K, k, s  ``depth, filters, kernel_size, stride``
+    ==========  ================================================  ===================================
+
+Paper configuration (Poisson denoising, peaks 1/2/4): T=15, K=169, k=11, s=7, b₀ = 0.1 (peak 4) or 0.01
+(peaks 1, 2) → DCEA-C 169·121 + 169 = 20,618 and DCEA-UC 3·169·121 + 169 = 61,516 parameters.
+Initialization: random normal atoms of unit norm divided by √L, L = κ·(power-method ‖H‖²₂); the official
+code uses 5× a power-method estimate taken through the exp link instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sparsefold.config import check
+from sparsefold.models import likelihoods as lk
+from sparsefold.models._ops import conv_analysis, conv_synthesis, power_method, shift_average, shift_stack
+
+
+@dataclass(frozen=True, kw_only=True)
+class DCEAConfig:
+    """Hyperparameters of :class:`DCEA`, tied (DCEA-C). Defaults: the paper's Poisson peak-4 model."""
+
+    tied: ClassVar[bool] = True
+
+    name: str = "dcea_c"
+    likelihood: str = "poisson"
+    peak: float = 4.0  # Poisson: counts = peak·y
+    trials: int = 1  # Binomial: counts = trials·y
+    depth: int = 15
+    filters: int = 169
+    kernel_size: int = 11
+    stride: int = 7
+    channels: int = 1
+    threshold_init: float = 0.1
+    mu: float | None = None  # None: μ = natural parameter of each image's mean intensity
+    residual_elu: bool = True  # Poisson only: the official ELU(α=peak) on the residual
+    init_seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(self.likelihood in lk.KINDS, "likelihood",
+              f"must be one of {', '.join(lk.KINDS)}, got {self.likelihood!r}")
+        check(self.peak > 0, "peak", f"must be > 0, got {self.peak}")
+        check(self.trials >= 1, "trials", f"must be >= 1, got {self.trials}")
+        check(self.depth >= 1, "depth", f"must be >= 1, got {self.depth}")
+        check(self.filters >= 1, "filters", f"must be >= 1, got {self.filters}")
+        check(self.kernel_size >= 1, "kernel_size", f"must be >= 1, got {self.kernel_size}")
+        check(1 <= self.stride <= self.kernel_size, "stride",
+              f"must be in [1, kernel_size={self.kernel_size}], got {self.stride}")
+        check(self.channels in (1, 3), "channels", f"must be 1 or 3, got {self.channels}")
+
+    def check_noise(self, noise: Any) -> None:
+        """The likelihood must be the data's noise model, with the same peak / number of trials."""
+        check(noise.kind == self.likelihood, "model.likelihood",
+              f"{self.likelihood!r} does not match noise.kind={noise.kind!r} (set model.likelihood)")
+        if self.likelihood == "poisson":
+            check(float(noise.peak) == float(self.peak), "model.peak",
+                  f"{self.peak} does not match noise.peak={noise.peak}")
+        if self.likelihood == "binomial":
+            check(int(noise.trials) == self.trials, "model.trials",
+                  f"{self.trials} does not match noise.trials={noise.trials}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DCEAUCConfig(DCEAConfig):
+    """DCEA-UC: untied H, W_e, W_d (otherwise as :class:`DCEAConfig`)."""
+
+    tied: ClassVar[bool] = False
+
+    name: str = "dcea_uc"
+
+
+class DCEA(nn.Module):
+    """DCEA-C / DCEA-UC (``config.tied``): unrolled proximal gradient on an exponential-family NLL."""
+
+    def __init__(self, config: DCEAConfig) -> None:
+        super().__init__()
+        self.config = config
+        K, C, k = config.filters, config.channels, config.kernel_size
+        g = torch.Generator().manual_seed(config.init_seed)
+        w = torch.randn(K, C, k, k, generator=g)
+        w = w / w.flatten(1).norm(dim=1).view(K, 1, 1, 1)  # unit-norm atoms (official F.normalize)
+        kappa = lk.curvature(config.likelihood, peak=config.peak, trials=config.trials)
+        w = w / (kappa * power_method(w, config.stride, size=max(128, 4 * k))) ** 0.5  # step 1/L absorbed
+        self.H = nn.Parameter(w.clone())
+        if not config.tied:
+            self.W_e = nn.Parameter(w.clone())
+            self.W_d = nn.Parameter(w.clone())
+        self.threshold = nn.Parameter(torch.full((K,), config.threshold_init))
+        self.depth = config.depth
+
+    @property
+    def encoder(self) -> Tensor:
+        return self.H if self.config.tied else self.W_e
+
+    @property
+    def decoder(self) -> Tensor:
+        return self.H if self.config.tied else self.W_d
+
+    def set_depth(self, depth: int) -> None:
+        """Run ``depth`` unfoldings from now on (weights are tied across t: nothing to warm-start)."""
+        if not 1 <= depth <= self.config.depth:
+            raise ValueError(f"depth must be in [1, {self.config.depth}], got {depth}")
+        self.depth = depth
+
+    # ------------------------------------------------------------------ the unfolded iteration
+    def offset(self, y: Tensor) -> Tensor:
+        """μ (B, C, 1, 1): fixed ``config.mu``, or the natural parameter of each image's mean intensity."""
+        cfg = self.config
+        if cfg.mu is not None:
+            return y.new_full((y.shape[0], y.shape[1], 1, 1), cfg.mu)
+        return lk.natural_from_observation(cfg.likelihood, y.mean(dim=(2, 3), keepdim=True),
+                                           peak=cfg.peak, trials=cfg.trials)
+
+    def sparse_code(self, cs: Tensor, mu: Tensor, depth: int | None = None,
+                    keep_all: bool = True) -> list[Tensor]:
+        """Codes x_1..x_T of the padded count stack cs (N, C, Ph, Pw) with offsets mu (N, C, 1, 1);
+        each (N, K, h, w). ``keep_all=False`` returns only [x_T]."""
+        cfg = self.config
+        s, T = cfg.stride, self.depth if depth is None else depth
+        b = self.threshold.view(1, -1, 1, 1)  # (1, K, 1, 1)
+        elu = cfg.residual_elu and cfg.likelihood == "poisson"
+        hw = cs.shape[-2:]
+        codes: list[Tensor] = []
+        x = None  # x_0 = 0
+        for _ in range(T):
+            eta = mu if x is None else conv_synthesis(x, self.H, s, hw) + mu  # H x_t + μ: (N, C, Ph, Pw)
+            r = cs - lk.inverse_link(cfg.likelihood, eta, trials=cfg.trials)  # Eq. (1)
+            if elu:
+                r = F.elu(r, alpha=cfg.peak)  # Eq. (1')
+            v = conv_analysis(r, self.encoder, s, add=x)  # x_t + W_e r_t: (N, K, h, w)
+            x = F.relu(v - b)  # Eq. (2)
+            codes = codes + [x] if keep_all else [x]
+        return codes
+
+    def _stack(self, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Counts of the s² shifted copies (B·s², C, Ph, Pw), their offsets (B·s², C, 1, 1), μ (B, C, 1, 1)."""
+        cfg = self.config
+        mu = self.offset(y)
+        c = lk.counts(cfg.likelihood, y, peak=cfg.peak, trials=cfg.trials)  # (B, C, H, W)
+        cs = shift_stack(c, cfg.kernel_size, cfg.stride)
+        return cs, mu.repeat_interleave(cfg.stride ** 2, dim=0), mu
+
+    def _decode(self, x: Tensor, mu: Tensor, hw: tuple[int, int], pad_hw: tuple[int, int]) -> Tensor:
+        """Eq. (3) with shift-averaging: codes (B·s², K, h, w) -> η̂ (B, C, H, W)."""
+        cfg = self.config
+        z = conv_synthesis(x, self.decoder, cfg.stride, pad_hw)  # W_d x: (B·s², C, Ph, Pw)
+        return shift_average(z, *hw, cfg.kernel_size, cfg.stride) + mu
+
+    def natural(self, y: Tensor, sigma: Tensor | None = None) -> Tensor:
+        """y (B, C, H, W) normalized observation -> η̂ (B, C, H, W), natural parameter of the counts."""
+        cs, mus, mu = self._stack(y)
+        x = self.sparse_code(cs, mus, keep_all=False)[-1]
+        return self._decode(x, mu, y.shape[-2:], cs.shape[-2:])
+
+    def forward(self, y: Tensor, sigma: Tensor | None = None) -> Tensor:
+        """y (B, C, H, W) -> x̂ = mean(η̂) in image units; ``sigma`` is ignored (the likelihood is fixed)."""
+        cfg = self.config
+        return lk.mean(cfg.likelihood, self.natural(y), peak=cfg.peak, trials=cfg.trials)
+
+    def reconstructions(self, y: Tensor, sigma: Tensor | None = None) -> list[Tensor]:
+        """x̂ after each unfolding (decoded with W_d), last = ``forward``."""
+        cfg = self.config
+        cs, mus, mu = self._stack(y)
+        return [lk.mean(cfg.likelihood, self._decode(x, mu, y.shape[-2:], cs.shape[-2:]), peak=cfg.peak,
+                        trials=cfg.trials) for x in self.sparse_code(cs, mus)]
+
+    # ------------------------------------------------------------------ monitoring
+    def dictionary(self) -> Tensor:
+        """The decoder atoms W_d (= H when tied), (K, C, k, k)."""
+        return self.decoder.detach()
+
+    @torch.no_grad()
+    def code_sparsity(self, y: Tensor) -> list[float]:
+        """Fraction of non-zero codes after each unfolding, for a batch y."""
+        cs, mus, _ = self._stack(y)
+        return [float((x != 0).float().mean()) for x in self.sparse_code(cs, mus)]

@@ -1,0 +1,145 @@
+r"""Deep K-SVD denoising (Scetbon, Elad & Milanfar, IEEE TIP 2021, arXiv 1909.13164; "LKSVD").
+
+K-SVD denoising with its OMP step replaced by ISTA on every overlapping p×p patch, λ predicted per patch:
+
+    z_k = argmin_z ½‖y_k − D z‖²₂ + λ_k‖z‖₁,     λ_k = MLP(y_k),     x̂ = Σ_k R_kᵀ(w ⊙ x̂_k) / Σ_k R_kᵀ w
+
+Classical iteration (ISTA with step 1/c, c = L = ‖D‖²₂ at initialization):
+
+    z_{t+1} = S_{λ/c}( z_t − (1/c) Dᵀ(D z_t − y) )
+
+Learned iteration (official ``Deep_KSVD.py::DenoisingNet_MLP``; D, c, MLP and w shared by all t):
+
+    λ_k     = W₄ ρ(W₃ ρ(W₂ ρ(W₁ y_k + b₁) + b₂) + b₃) + b₄,   ρ = ReLU       (Eq. 1)
+    z_0     = S_{λ_k/c}(Dᵀ y_k)                                              (Eq. 2)
+    z_{t+1} = S_{λ_k/c}( (I − DᵀD/c) z_t + Dᵀ y_k / c ),   t = 0..T−1         (Eq. 3)
+    x̂_k    = clamp(D z_T, −1, 1)                                            (Eq. 4)
+    x̂      = Σ_k R_kᵀ(w ⊙ x̂_k) / Σ_k R_kᵀ w                                (Eq. 5)
+
+Eq. (2) is the official start (Dᵀy without the 1/c), so T = ``depth`` counts the ISTA steps after it and
+there are T+1 codes z_0..z_T; from z_0 on, Eq. (3) is exactly ISTA (checked in tests/test_lista_ksvd.py).
+
+Symbol → attribute (m = p², K atoms):
+
+    ==========  ========================  ==============================================
+    D           ``self.D``                (m, K), overcomplete 2-D DCT at init
+    c           ``self.c``                (1,), ‖D₀‖²₂ at init
+    W₁..W₄      ``self.mlp``              m → 128 → 64 → 32 → 1, biases, ReLU between
+    w           ``self.w``                (m,) the p×p averaging mask, N(1, 0.1²) at init
+    T           ``config.depth``          ISTA steps after z_0
+    ==========  ========================  ==============================================
+
+Default = the official training script: p=8, K=256, T=5 (``load_model.py`` uses 7) →
+16,384 (D) + 18,689 (MLP) + 1 (c) + 64 (w) = 35,138 parameters.
+
+Differences from the official code: images here are in [0, 1]; ``forward`` maps them to the official
+[−1, 1] (y' = 2y − 1, x̂ = (x̂' + 1)/2), so σ=25 on [0, 1] is the official σ=25 on 0..255 and the clamp of
+Eq. (4) is the [0, 1] range. A negative λ_k/c means no shrinkage (θ⁺ = max(θ, 0), ``_ops.soft_threshold``)
+where the official ``sign(x)·max(|x| − θ, 0)`` would grow the codes. Grayscale only, as the paper.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from sparsefold.config import check
+from sparsefold.models._ops import soft_threshold
+from sparsefold.models._patches import aggregate_patches, extract_patches, overcomplete_dct
+
+HIDDEN = (128, 64, 32)  # the official MLP widths
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeepKSVDConfig:
+    """Hyperparameters of :class:`DeepKSVD` (defaults: the official σ=25 training script)."""
+
+    name: str = "deep_ksvd"
+    patch_size: int = 8
+    atoms: int = 256
+    depth: int = 5
+    init_seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(self.patch_size >= 2, "patch_size", f"must be >= 2, got {self.patch_size}")
+        q = math.isqrt(self.atoms)
+        check(q * q == self.atoms and q >= self.patch_size, "atoms",
+              f"must be a square q² with q >= patch_size={self.patch_size} (2-D DCT init), got {self.atoms}")
+        check(self.depth >= 0, "depth", f"must be >= 0, got {self.depth}")
+
+
+class DeepKSVD(nn.Module):
+    """Deep K-SVD: per-patch λ from an MLP, tied ISTA, learned averaging mask. See the module docstring."""
+
+    def __init__(self, config: DeepKSVDConfig) -> None:
+        super().__init__()
+        self.config = config
+        p, K = config.patch_size, config.atoms
+        m = p * p
+        g = torch.Generator().manual_seed(config.init_seed)
+        D0 = overcomplete_dct(p, math.isqrt(K))  # (m, K)
+        self.D = nn.Parameter(D0)
+        self.c = nn.Parameter(torch.tensor([float(torch.linalg.matrix_norm(D0.double(), ord=2)) ** 2]))
+        widths = (m, *HIDDEN, 1)
+        layers: list[nn.Module] = []
+        for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
+            lin = nn.Linear(n_in, n_out)
+            nn.init.kaiming_uniform_(lin.weight, a=math.sqrt(5), generator=g)  # nn.Linear's default, seeded
+            nn.init.uniform_(lin.bias, -1 / math.sqrt(n_in), 1 / math.sqrt(n_in), generator=g)
+            layers += [lin, nn.ReLU()] if i < len(HIDDEN) else [lin]
+        self.mlp = nn.Sequential(*layers)
+        self.w = nn.Parameter(1 + 0.1 * torch.randn(m, generator=g))
+        self.depth = config.depth  # active depth, see set_depth
+
+    # ------------------------------------------------------------------ the unfolded iteration
+    def sparse_code(self, P: Tensor, keep_all: bool = True) -> tuple[list[Tensor], Tensor]:
+        """Codes z_0..z_T and λ of patch vectors P (N, m) on the [−1, 1] scale: ([(N, K)], (N, 1))."""
+        lam = self.mlp(P)  # Eq. (1): (N, 1)
+        theta = lam / self.c  # λ_k / c
+        Dty = P @ self.D  # Dᵀy: (N, K)
+        S = torch.eye(self.D.shape[1], dtype=P.dtype, device=P.device) - self.D.T @ self.D / self.c  # (K, K)
+        codes = [soft_threshold(Dty, theta)]  # Eq. (2)
+        b = Dty / self.c
+        for _ in range(self.depth):
+            codes.append(soft_threshold(torch.addmm(b, codes[-1], S), theta))  # Eq. (3) (S symmetric)
+            if not keep_all:
+                del codes[0]
+        return codes, lam
+
+    def _decode(self, z: Tensor, shape: torch.Size) -> Tensor:
+        """Eqs. (4)-(5) and the map back to [0, 1]: codes (B·L, K) -> x̂ (B, 1, H, W)."""
+        xk = torch.clamp(z @ self.D.T, -1.0, 1.0)  # Eq. (4): (B·L, m)
+        x = aggregate_patches(xk.view(shape[0], -1, xk.shape[1]), self.w, shape[-2:])  # Eq. (5)
+        return (x + 1) / 2
+
+    def _patches(self, y: Tensor) -> Tensor:
+        """y (B, 1, H, W) in [0, 1] -> patch vectors (B·L, m) on the official [−1, 1] scale."""
+        return extract_patches(2 * y - 1, self.config.patch_size).reshape(-1, self.config.patch_size ** 2)
+
+    def reconstructions(self, y: Tensor, sigma: Tensor | None = None) -> list[Tensor]:
+        """x̂ decoded from z_0..z_T (T+1 images; σ is not used)."""
+        return [self._decode(z, y.shape) for z in self.sparse_code(self._patches(y))[0]]
+
+    def forward(self, y: Tensor, sigma: Tensor | None = None) -> Tensor:
+        """y (B, 1, H, W) noisy in [0, 1], H, W >= patch_size -> x̂ (B, 1, H, W). σ is not used."""
+        return self._decode(self.sparse_code(self._patches(y), keep_all=False)[0][-1], y.shape)
+
+    # ------------------------------------------------------------------ incremental depth, monitoring
+    def set_depth(self, depth: int) -> None:
+        """Run ``depth`` ISTA steps after z_0 from now on (0..config.depth; tied, nothing to copy)."""
+        if not 0 <= depth <= self.config.depth:
+            raise ValueError(f"depth must be in [0, {self.config.depth}], got {depth}")
+        self.depth = depth
+
+    def dictionary(self) -> Tensor:
+        """Atoms D as (K, 1, p, p)."""
+        p = self.config.patch_size
+        return self.D.detach().T.reshape(-1, 1, p, p)
+
+    @torch.no_grad()
+    def code_sparsity(self, y: Tensor) -> list[float]:
+        """Fraction of non-zero codes in z_0..z_T, for a batch y."""
+        return [float((z != 0).float().mean()) for z in self.sparse_code(self._patches(y))[0]]
