@@ -35,6 +35,7 @@ from sparsefold.models.cscnet import CSCNet, CSCNetConfig
 from sparsefold.models.dcea import DCEA, DCEAConfig, DCEAUCConfig
 from sparsefold.models.deep_ksvd import DeepKSVD, DeepKSVDConfig
 from sparsefold.models.dncnn import DnCNN, DnCNNConfig
+from sparsefold.models.lidia import LIDIA, LIDIAConfig
 from sparsefold.models.lista import LISTA, LISTAConfig
 
 
@@ -59,6 +60,8 @@ MODELS: dict[str, ModelEntry] = {
                         98_560),
     "deep_ksvd": ModelEntry(DeepKSVDConfig, DeepKSVD,
                             "patch ISTA with MLP-predicted λ, learned averaging (Scetbon et al. 2021)", 35_138),
+    "lidia": ModelEntry(LIDIAConfig, LIDIA,
+                        "non-local 2-scale separable patch denoiser, LIDIA-lite (Vaksman et al. 2020)", 61_589),
 }
 
 
@@ -75,4 +78,5 @@ def count_parameters(model: nn.Module) -> int:
 
 __all__ = ["MODELS", "ModelEntry", "build_model", "count_parameters", "CDLNet", "CDLNetConfig", "CSCNet",
            "CSCNetConfig", "DCEA", "DCEAConfig", "DCEAUCConfig", "DeepKSVD", "DeepKSVDConfig", "DnCNN", "DnCNNConfig",
+           "LIDIA", "LIDIAConfig",
            "LISTA", "LISTAConfig"]

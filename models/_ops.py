@@ -269,8 +269,9 @@ def patch_knn(img: Tensor, p: int, k: int, window: int, dilation: int = 1, strid
 def fold_average(cols: Tensor, out_hw: tuple[int, int], p: int, dilation: int = 1, stride: int = 1,
                  smooth=None) -> Tensor:
     """col2im divided by the coverage count, (N, C·p², L) -> (N, C, H, W): each pixel's average of the
-    patch estimates that cover it, exact on constant patches. ``smooth`` (a linear filter, e.g. a blur)
-    is applied to both sums before the division (a normalized convolution)."""
+    patch estimates that cover it, exact on constant patches (L: the step-s grid ending on the border).
+    ``smooth`` (a linear filter, e.g. a blur) is applied to both sums before the division (a normalized
+    convolution; it also fills pixels no patch covers, e.g. odd ones at dilation 2, stride 2)."""
     num = F.fold(cols, out_hw, p, dilation=dilation, stride=stride)
     den = F.fold(cols.new_ones(1, p * p, cols.shape[-1]), out_hw, p, dilation=dilation, stride=stride)
     if smooth is not None:

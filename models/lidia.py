@@ -1,0 +1,263 @@
+r"""LIDIA-lite: non-local, two-scale learned patch denoiser (Vaksman, Elad & Milanfar, CVPR-W 2020).
+
+Problem: denoise y = x + v by collaborative filtering, the classical non-local pipeline (NLM, BM3D): for each
+p×p reference patch, (a) group its K nearest patches in a search window, (b) transform the group jointly over
+pixels × neighbours, (c) shrink, (d) invert, (e) average the overlapping patch estimates. LIDIA learns (b)–(d)
+as separable FC layers ("VerHor": one map over the pixel axis, one over the neighbour axis, bias, ReLU as the
+shrinkage), with learned neighbour weights, a second scale, in-network aggregation and noise prediction.
+
+Pipeline. u = 2(y − m) (the paper's [−1, 1] range, m the per-image channel mean); scale s ∈ {0, 1} has dilation
+δ_s = 2^s; ũ₀ = u reflect-padded by p−1, ũ₁ = h ⊛ u reflect-padded, h = [¼,½,¼]ᵀ[¼,½,¼]; P_s(i) = the p×p patch
+of ũ_s with dilation δ_s at grid position i (same centres at both scales); references i on the step-``stride``
+sub-grid, neighbours j anywhere on the grid:
+
+    j_1..j_K = K-argmin_j ‖P_s(i) − P_s(j)‖² =: d_s(i, j),  j = i + δ_s(dr, dc),
+               |dr|, |dc| ≤ ⌊window/2⌋,  j_1 = i                                         (Eq. 1, no grad)
+    w_s(i) = FcNet_s(exp(−|α_s|·[d_s(i, j_2..j_K), Cp²·var(P_s(i))])) ∈ R^K                  (Eq. 2)
+    Z_s(i) = diag(w_s(i)) [P_s(j_1); …; P_s(j_K)] ∈ R^{K×Cp²}                                (Eq. 3)
+    L(Z)   = ReLU(BN(W_h Z W_vᵀ + B))          separable layer; BN over the K rows, if any   (Eq. 4)
+    X_s    = L_{s,0}(Z_s);   X_s ← a_s X_s + (1 − a_s) L_{s,1}(X_s)                 (stage 1, Eq. 5)
+    E_0    = 𝒜_0(Pre_0 X_0),  E_1 = w_{1,1} 𝒜_1(Pre_1 X_1 / w_{1,1}),  Y_s = Post_s(E_s)           (Eq. 6)
+             Pre_s: K×F → 1×Cp² (linear), Post_s: 1×Cp² → K×F (ReLU, no BN),
+             𝒜_0 = unfold ∘ fold/count,  𝒜_1 = unfold_δ=2 ∘ blur(fold_δ=2)/blur(count)
+    H      = L_2([X_0; X_1; Y_0; Y_1]);   H ← a₂ H + (1 − a₂) L_3(H) ∈ R^{4K×F}     (stage 2, Eq. 7)
+    n̂(i)  = W_h^o H W_v^oᵀ + b^o ∈ R^{1×Cp²},   x̂(i) = P_0(i) − n̂(i)             (residual, Eq. 8)
+    x̂     = Σ_i ω_i R_iᵀ x̂(i) / Σ_i ω_i R_iᵀ 1,  ω_i = exp(−|β| var x̂(i));  output x̂/2 + m   (Eq. 9)
+
+Symbol → attribute (K = ``neighbours``, F = ``width``, p = ``patch_size``, C = ``channels``):
+
+    ======================  ===============================================  =========================
+    FcNet_s, α_s            ``weight_net[s]``, ``alpha[s]``                  6×(K→K, BN, ReLU) + K→K
+    L_{s,0}, L_{s,1}, a_s   ``stage1[s][0]``, ``stage1[s][1]``, ``a1[s]``    (K,Cp²)→(K,F)→(K,F)
+    Pre_s, Post_s           ``agg_pre[s]``, ``agg_post[s]``                  (K,F)→(1,Cp²)→(K,F)
+    L_2, L_3, a₂            ``stage2[0]``, ``stage2[1]``, ``a2``             (4K,F)→(4K,F)
+    W_h^o, W_v^o, b^o; β    ``out`` (.hor, .ver, .bias); ``beta``            (4K,F)→(1,Cp²); scalar
+    W_h, W_v, B of a layer  ``SepLayer.hor`` (K_out,K_in), ``.ver`` (F_out,F_in), ``.bias`` (K_out,F_out)
+    ======================  ===============================================  =========================
+
+Paper configuration (gray, σ=25): p=7, K=14, window 29, F=64, 2 blocks per stage, 6-layer FcNet, every patch a
+reference: 61,589 trainable parameters, the official checkpoint's count (``blocks=1``, LIDIA-S: 40,226; colour,
+p=5, F=80, C=3: 94,067). The defaults are that, except ``stride=2``.
+
+What differs from the paper and the official code (grishavak/LIDIA-denoiser, which has no training script):
+
+* ``stride=2``: references on every 2nd grid row/column (paper: all, ``stride=1``), as BM3D's step; each pixel
+  keeps ⌈p/2⌉² = 16 estimates (49); forward+backward of a 4×64² batch: 2.4 vs 9.6 CPU-s, 0.93 vs 3.5 GB of
+  saved activations. Scale-1 references then lie on the even polyphase component, and an untrained
+  model's position-dependent patch biases show as a 2-periodic pattern (they average out at stride 1).
+* 𝒜_1 divides blur(fold) by blur(count) (official: blur(fold/count)); equal where the count is constant over
+  3×3, i.e. away from the padded border at stride 1, and defined at stride 2 where odd pixels have count 0.
+  The division by w_{1,1} is guarded, |w_{1,1}| ≥ 1e-2 (unguarded in the official code).
+* neighbour candidates lie inside the padded image (the official pads the search image with −1 and may pick
+  such patches); j_1 is the patch itself also under ties. The search is exact and vectorized (offsets as
+  channels, box sums, running top-k): ≈15 % of a training step, ≈30 % of inference at window 29.
+* same-size output in training too (reflect padding as at inference; the official training crops a margin).
+* ``sigma`` is ignored (a model per σ, or a blind one trained on a σ range, as in the paper); the gradient
+  w.r.t. y flows through patch values, not through the discrete choice of neighbours.
+* BatchNorm as in the paper (over the K rows in L_{s,1}, L_2, L_3 and in FcNet; none in L_{s,0}, Pre, Post):
+  training couples a batch's patches; eval uses running statistics and runs in patch chunks.
+* training setup is the trainer's (Adam, MSE, our crops); the checkpoints record SGD with momentum 0.9,
+  200k iterations and a log10(MSE) loss; the training data are unknown.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sparsefold.config import check
+from sparsefold.models._ops import _pad, fold_average, patch_knn
+
+_EVAL_CHUNK = 8192  # patches per chunk at eval (BN uses running statistics, so stages are patch-wise)
+_W_MIN = 1e-2  # guard of the division by w_{1,1} in Eq. 6
+_LUMA = (0.2989, 0.5870, 0.1140)  # the official rgb2gray of the colour model's search image
+
+
+@dataclass(frozen=True, kw_only=True)
+class LIDIAConfig:
+    """Hyperparameters of :class:`LIDIA` (defaults: the paper's gray model, except ``stride``)."""
+
+    name: str = "lidia"
+    channels: int = 1
+    patch_size: int = 7
+    neighbours: int = 14
+    window: int = 29
+    stride: int = 2
+    width: int = 64
+    blocks: int = 2
+    weight_layers: int = 6
+    init_seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(self.channels in (1, 3), "channels", f"must be 1 or 3, got {self.channels}")
+        for f, v in (("patch_size", self.patch_size), ("window", self.window)):
+            check(v >= 3 and v % 2 == 1, f, f"must be odd and >= 3, got {v}")
+        check(2 <= self.neighbours <= self.window ** 2, "neighbours",
+              f"must be in [2, window²={self.window ** 2}], got {self.neighbours}")
+        check(1 <= self.stride <= self.patch_size, "stride",
+              f"must be in [1, patch_size={self.patch_size}], got {self.stride}")
+        check(self.width >= 1, "width", f"must be >= 1, got {self.width}")
+        check(self.blocks in (1, 2), "blocks", f"must be 1 (LIDIA-S) or 2 (LIDIA), got {self.blocks}")
+        check(self.weight_layers >= 0, "weight_layers", f"must be >= 0, got {self.weight_layers}")
+
+
+def _uniform(shape: tuple[int, int], g: torch.Generator) -> nn.Parameter:
+    """nn.Linear's default init U(±1/√fan_in), fan_in = shape[1], from a seeded generator."""
+    return nn.Parameter(nn.init.uniform_(torch.empty(shape), -shape[1] ** -0.5, shape[1] ** -0.5, generator=g))
+
+
+class SepLayer(nn.Module):
+    """Eq. 4 on neighbour stacks laid out (K, M, F) (M = batch·patches): Z ↦ ρ(BN(W_h Z W_vᵀ + B)).
+
+    Both maps are single GEMMs in this layout; they commute, so the cheaper order is used."""
+
+    def __init__(self, k_in: int, k_out: int, f_in: int, f_out: int, g: torch.Generator,
+                 bn: bool, relu: bool) -> None:
+        super().__init__()
+        self.ver, self.hor = _uniform((f_out, f_in), g), _uniform((k_out, k_in), g)  # W_v (pixels), W_h (neighbours)
+        self.bias = nn.Parameter(nn.init.xavier_normal_(torch.empty(k_out, f_out), math.sqrt(2), generator=g))  # B
+        self.bn = nn.BatchNorm2d(k_out) if bn else None
+        self.relu, self.tally = relu, None  # tally: a list collecting (non-zeros, entries) when set
+        self.hor_first = k_out * f_in * (k_in + f_out) <= k_in * f_out * (f_in + k_out)  # fewer MACs
+
+    def forward(self, z: Tensor) -> Tensor:
+        k_in, m = z.shape[:2]
+        if self.hor_first:
+            v = (self.hor @ z.reshape(k_in, -1)).view(-1, m, z.shape[-1])  # W_h Z: (K_out, M, F_in)
+            z = torch.baddbmm(self.bias[:, None], v, self.ver.T.expand(v.shape[0], -1, -1))  # ·W_vᵀ + B
+        else:
+            u = F.linear(z, self.ver)  # Z W_vᵀ: (K_in, M, F_out)
+            z = (self.hor @ u.reshape(k_in, -1)).view(-1, m, u.shape[-1]) + self.bias[:, None]
+        if self.bn is not None:
+            z = self.bn(z.unsqueeze(0))  # (1, K_out, M, F): statistics per neighbour row k
+        z = torch.relu_(z) if self.relu else z  # in place: neither BN nor baddbmm saves its output
+        if self.tally is not None:
+            self.tally.append((int((z != 0).sum()), z.numel()))
+        return z.view(-1, m, z.shape[-1])
+
+
+def _fc_net(k: int, layers: int, g: torch.Generator) -> nn.Sequential:
+    """FcNet of Eq. 2: ``layers`` × (Linear K→K no bias, BN, ReLU) + Linear K→K, nn.Linear's init."""
+    net = nn.Sequential(*[m for _ in range(layers) for m in (nn.Linear(k, k, bias=False), nn.BatchNorm1d(k),
+                                                            nn.ReLU(inplace=True))], nn.Linear(k, k))
+    for lin in net[::3]:
+        lin.weight = _uniform((k, k), g)
+    net[-1].bias = nn.Parameter(nn.init.uniform_(torch.empty(k), -k ** -0.5, k ** -0.5, generator=g))
+    return net
+
+
+class LIDIA(nn.Module):
+    """Two-scale non-local separable patch denoiser. See the module docstring."""
+
+    def __init__(self, config: LIDIAConfig) -> None:
+        super().__init__()
+        self.config = config
+        g = torch.Generator().manual_seed(config.init_seed)
+        K, F_, n, two = config.neighbours, config.width, config.channels * config.patch_size ** 2, config.blocks == 2
+        layer = lambda k_in, k_out, f_in, f_out, bn=True, relu=True: SepLayer(k_in, k_out, f_in, f_out, g, bn, relu)
+        self.weight_net = nn.ModuleList(_fc_net(K, config.weight_layers, g) for _ in range(2))
+        self.stage1 = nn.ModuleList(nn.ModuleList([layer(K, K, n, F_, bn=False)] + [layer(K, K, F_, F_)] * two)
+                                    for _ in range(2))
+        self.agg_pre = nn.ModuleList(layer(K, 1, F_, n, bn=False, relu=False) for _ in range(2))
+        self.agg_post = nn.ModuleList(layer(1, K, n, F_, bn=False) for _ in range(2))
+        self.stage2 = nn.ModuleList([layer(4 * K, 4 * K, F_, F_)] + [layer(4 * K, 4 * K, F_, F_)] * two)
+        self.out = layer(4 * K, 1, F_, n, bn=False, relu=False)
+        self.alpha = nn.Parameter(torch.full((2,), 0.5))
+        self.beta = nn.Parameter(torch.tensor(0.5))
+        if two:
+            self.a1, self.a2 = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(1))
+        self.register_buffer("blur", torch.tensor([1.0, 2, 1]).outer(torch.tensor([1.0, 2, 1])) / 16, persistent=False)
+
+    # ------------------------------------------------------------------ grouping (Eqs. 1–3)
+    def _blur(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.blur.expand(x.shape[1], 1, 3, 3), groups=x.shape[1])  # h ⊛ x, valid, per channel
+
+    def _group(self, img: Tensor, s: int) -> tuple[Tensor, Tensor]:
+        """img = ũ_s (B, C, Hs, Ws) -> neighbour stack (K, M, Cp²) (row 0: the patch itself), features (M, K)."""
+        cfg = self.config
+        p, K, d = cfg.patch_size, cfg.neighbours, 2 ** s
+        search = img if img.shape[1] == 1 else (img * img.new_tensor(_LUMA).view(1, 3, 1, 1)).sum(1, True)
+        dist, idx = patch_knn(search, p, K, cfg.window, d, cfg.stride)  # Eq. 1: (B, Q, K) each
+        rows = F.unfold(img, p, dilation=d).transpose(1, 2)  # every grid patch: (B, G, Cp²)
+        flat = idx + torch.arange(len(idx), device=img.device).view(-1, 1, 1) * rows.shape[1]
+        stack = rows.reshape(-1, rows.shape[-1])[flat.reshape(-1, K).T]  # gather: (K, M, Cp²), M = B·Q
+        energy = stack[0].var(dim=-1, keepdim=True) * stack.shape[-1]  # p²C·var(P_s(i)) (unbiased, official)
+        return stack, torch.cat([dist.reshape(-1, K)[:, 1:], energy], 1)
+
+    def _aggregate(self, s: int, pre: Tensor, hw: tuple[int, int], b: int) -> Tensor:
+        """𝒜_s of Eq. 6: patch estimates (M, Cp²) -> their fold-average, unfolded again (1, M, Cp²)."""
+        p, st, d = self.config.patch_size, self.config.stride, 2 ** s
+        smooth = (lambda t: self._blur(F.pad(t, (1,) * 4, mode="reflect"))) if s == 1 else None
+        est = fold_average(pre.view(b, -1, pre.shape[-1]).transpose(1, 2), hw, p, d, st, smooth)  # (B, C, Hs, Ws)
+        return F.unfold(est, p, dilation=d, stride=st).transpose(1, 2).reshape(1, -1, pre.shape[-1])
+
+    def _stage(self, layers: nn.ModuleList, a: Tensor | None, z: Tensor) -> Tensor:
+        """Eqs. 5 and 7: x = L_first(z); x ← a·x + (1 − a)·L_second(x) when there are two blocks."""
+        x = layers[0](z)
+        return torch.lerp(layers[1](x), x, a) if len(layers) == 2 else x
+
+    def _chunked(self, fn, *xs: Tensor) -> Tensor:
+        """fn over patch chunks (dim 1) at eval, where every stage is patch-wise; one call in training."""
+        m = xs[0].shape[1]
+        if self.training or m <= _EVAL_CHUNK:
+            return fn(*xs)
+        return torch.cat([fn(*(x[:, i:i + _EVAL_CHUNK] for x in xs)) for i in range(0, m, _EVAL_CHUNK)], -2)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, y: Tensor, sigma: Tensor | None = None) -> Tensor:
+        """y (B, C, H, W) in [0, 1] -> x̂ (B, C, H, W). ``sigma`` is ignored (see the module docstring)."""
+        p, st = self.config.patch_size, self.config.stride
+        q, r = p - 1, (p - 1) // 2
+        b, _, h, w = y.shape
+        eh, ew = -(h + q - 1) % st, -(w + q - 1) % st  # extra bottom/right pad: last reference = last patch
+        m = y.mean(dim=(-2, -1), keepdim=True)
+        u = 2 * (y - m)  # the paper's [−1, 1] scale, mean removed
+        u0 = _pad(u, (q, q + ew, q, q + eh))  # ũ₀: (B, C, H+2q+eh, W+2q+ew)
+        u1 = self._blur(_pad(u, (q + r + 1, q + r + 1 + ew, q + r + 1, q + r + 1 + eh)))  # ũ₁, 2r more
+        xs, ys = [], []
+        for s, img in enumerate((u0, u1)):
+            stack, feats = self._group(img, s)  # Eq. 1
+            wts = self.weight_net[s](torch.exp(-self.alpha[s].abs() * feats))  # Eq. 2: (M, K)
+            z = stack * wts.T.unsqueeze(-1)  # Eq. 3: (K, M, Cp²)
+            a1 = self.a1[s] if len(self.stage1[s]) == 2 else None
+            xs.append(self._chunked(lambda z_, a=a1, s=s: self._stage(self.stage1[s], a, z_), z))  # Eq. 5: (K, M, F)
+            pre = self._chunked(self.agg_pre[s], xs[-1])[0]  # Pre_s: (M, Cp²)
+            if s == 0:
+                centre, e = stack[0], self._aggregate(0, pre, u0.shape[-2:], b)  # P_0(i); Eq. 6
+            else:  # Eq. 6: undo the centre weight w_{1,1} before averaging, redo it after (guarded)
+                w11 = torch.where(wts[:, :1] < 0, -1.0, 1.0) * wts[:, :1].abs().clamp_min(_W_MIN)  # (M, 1)
+                e = self._aggregate(1, pre / w11, u1.shape[-2:], b) * w11
+            ys.append(self._chunked(self.agg_post[s], e))  # Post_s: (K, M, F)
+        a2 = self.a2 if len(self.stage2) == 2 else None
+        noise = self._chunked(lambda *t: self.out(self._stage(self.stage2, a2, torch.cat(t, 0)))[0], *xs, *ys)  # Eqs. 7–8
+        est = centre - noise  # x̂(i) = P_0(i) − n̂(i)
+        omega = torch.exp(-self.beta.abs() * est.var(dim=-1, unbiased=False, keepdim=True))  # (M, 1)
+        num = F.fold((est * omega).view(b, -1, est.shape[-1]).transpose(1, 2), u0.shape[-2:], p, stride=st)
+        den = F.fold(omega.view(b, -1, 1).expand(-1, -1, p * p).transpose(1, 2), u0.shape[-2:], p, stride=st)
+        x = (num / den)[..., q:q + h, q:q + w]  # Eq. 9, crop the padding
+        return x / 2 + m  # back to [0, 1]: (x̂ + 2m − 1 + 1)/2
+
+    # ------------------------------------------------------------------ monitoring
+    def dictionary(self) -> Tensor:
+        """The first pixel-axis transform of scale 0, W_v of L_{0,0}, as F atoms (F, C, p, p)."""
+        p = self.config.patch_size
+        return self.stage1[0][0].ver.detach().view(-1, self.config.channels, p, p)
+
+    @torch.no_grad()
+    def code_sparsity(self, y: Tensor) -> list[float]:
+        """Fraction of non-zero activations after each ReLU layer (L_{0,·}, L_{1,·}, Post_0, Post_1, L_2, L_3),
+        in eval mode (running BN statistics, which stay untouched)."""
+        layers, was_training = [*self.stage1[0], *self.stage1[1], *self.agg_post, *self.stage2], self.training
+        for layer in layers:
+            layer.tally = []  # one entry per patch chunk
+        try:
+            self.eval()(y)
+            return [sum(t[0] for t in lay.tally) / sum(t[1] for t in lay.tally) for lay in layers]
+        finally:
+            self.train(was_training)
+            for layer in layers:
+                layer.tally = None
