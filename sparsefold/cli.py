@@ -137,8 +137,10 @@ def cmd_models(a: argparse.Namespace) -> int:
         if is_complete(d):
             meta = read_config(d)
             model, _ = load_model(d)
+            noise = meta["run"]["noise"]
             bundled.append({"name": d.name, "model": meta["model"]["name"], "params": count_parameters(model),
-                            "sigma": meta["run"]["noise"]["sigma"], "path": str(d)})
+                            "noise": noise["kind"], "sigma": noise["sigma"] if noise["kind"] == "gaussian" else None,
+                            "peak": noise["peak"] if noise["kind"] == "poisson" else None, "path": str(d)})
     if a.json:
         _print_json({"architectures": archs, "bundled": bundled})
         return 0
@@ -147,7 +149,8 @@ def cmd_models(a: argparse.Namespace) -> int:
         print(f"  {r['name']:<10} {r['params']:>9,} params  {r['summary']}")
     print("bundled models:")
     for r in bundled or [{"name": "(none)", "model": "", "params": 0, "sigma": ""}]:
-        print(f"  {r['name']:<10} {r['model']:<8} {r['params']:>9,} params  sigma={r['sigma']}")
+        level = f"sigma={r['sigma']}" if r.get("sigma") is not None else f"{r.get('noise')} peak={r.get('peak')}"
+        print(f"  {r['name']:<16} {r['model']:<10} {r['params']:>9,} params  {level}")
     return 0
 
 

@@ -144,3 +144,20 @@ def test_cpu_budget_stops_the_run_and_drives_the_schedule(tiny_overrides):
     assert 1 <= out["steps"] < 100000 and out["checkpoint"] and out["val_psnr"] is not None
     assert lr_at(10, cfg, progress=1.0) == pytest.approx(cfg.optim.lr * cfg.optim.min_lr_ratio)
     assert lr_at(10, cfg, progress=0.0) == pytest.approx(cfg.optim.lr)
+
+
+@pytest.mark.parametrize("kind", ["poisson", "binomial"])
+def test_unsupervised_nll_trains_dcea_through_the_loop(kind, tiny_overrides):
+    """loss.kind=nll: no clean target; DCEA-C trains on the data's own likelihood and still denoises."""
+    from sparsefold.trainers.loop import train
+
+    over = [o for o in tiny_overrides if not o.startswith("model.")] + [
+        "model.name=dcea_c", f"model.likelihood={kind}", "model.depth=3", "model.filters=8", "model.kernel_size=5",
+        "model.stride=2", f"noise.kind={kind}", "model.peak=4", "noise.peak=4", "model.trials=4", "noise.trials=4",
+        "loss.kind=nll", "trainer.max_steps=3", "trainer.val_every=3", "trainer.ckpt_every=3", "data.val_images=1",
+        f"trainer.run_name=nll-{kind}",
+    ]
+    out = train(load_config(None, over))
+    assert out["steps"] == 3 and out["nonfinite_steps"] == 0 and out["val_psnr"] is not None
+    with pytest.raises(ConfigError, match=r"^model\.likelihood"):
+        load_config(None, over[:-1] + ["noise.kind=gaussian"])
