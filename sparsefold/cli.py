@@ -95,7 +95,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     gray = meta["model"].get("channels", 1) == 1
     noise = noise_for(a, meta)
     res = evaluate_images(model, files, noise, gray=gray, seed=a.seed, blind=a.blind)
-    out = {k: res[k] for k in ("psnr", "ssim", "images", "sec_per_image", "input_psnr")}
+    out = {k: res[k] for k in ("psnr", "ssim", "images", "sec_per_image", "cpu_sec_per_image", "input_psnr")}
     out.update(params=count_parameters(model), model=meta["model"]["name"], checkpoint=meta["path"],
                noise=noise.kind, sigma=noise.sigma if noise.kind == "gaussian" else None,
                peak=noise.peak if noise.kind == "poisson" else None, blind=a.blind, data=str(a.data_dir))
