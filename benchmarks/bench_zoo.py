@@ -116,21 +116,36 @@ def main() -> int:
                             "loadavg": os.getloadavg()}
             print(f"[zoo] {name}: {t['cpu_sec_per_image']:.3f} CPU s/image", file=sys.stderr)
     todo = {n: e for n, e in suite["models"].items()
-            if (not args.only or n in args.only) and (args.force or n not in done) and not args.retime}
-    print(f"[zoo] {suite['name']}: training {list(todo)} with {suite['budget_cpu_seconds']} CPU s each", file=sys.stderr)
+            if (not args.only or n in args.only) and (args.force or not done.get(n, {}).get("scores"))
+            and not args.retime}
+    print(f"[zoo] {suite['name']}: {list(todo)} with {suite['budget_cpu_seconds']} CPU s each", file=sys.stderr)
+
+    def save(entries: dict) -> str:
+        """Merge into --out (other invocations may have written meanwhile) and rewrite the table."""
+        merged = {**(json.loads(args.out.read_text())["results"] if args.out.is_file() else {}), **entries}
+        ordered = {n: merged[n] for n in suite["models"] if n in merged}
+        md = table({n: r for n, r in ordered.items() if r.get("scores")}, suite)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"suite": suite, "results": ordered, "table": md,
+                                        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                        "loadavg_end": os.getloadavg()}, indent=1))
+        return md
+
+    def train_one(kv: tuple[str, dict]) -> dict:
+        name, entry = kv
+        if done.get(name, {}).get("train", {}).get("checkpoint") and not args.force:
+            return done[name]  # trained earlier, not yet scored
+        r = train_entry(name, entry, suite, args)
+        save({name: {**r, "scores": {}}})  # a killed benchmark keeps what it trained
+        return r
+
     with ThreadPoolExecutor(max(1, args.parallel)) as pool:
-        trained = list(pool.map(lambda kv: train_entry(kv[0], kv[1], suite, args), todo.items()))
+        trained = list(pool.map(train_one, todo.items()))
     for r in trained:  # timings one at a time, after all training
         done[r["name"]] = eval_entry(r, suite, args)
+        save({r["name"]: done[r["name"]]})
         print(f"[zoo] {r['name']}: {json.dumps(done[r['name']]['scores'])}", file=sys.stderr)
-    if args.out.is_file():  # another invocation (other --only entries) may have written meanwhile
-        done = {**json.loads(args.out.read_text())["results"], **done}
-    ordered = {n: done[n] for n in suite["models"] if n in done}
-    md = table(ordered, suite)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"suite": suite, "results": ordered, "table": md,
-                                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                                    "loadavg_end": os.getloadavg()}, indent=1))
+    md = save({n: done[n] for n in done if args.retime})
     print(md)
     return 0
 
