@@ -36,6 +36,11 @@ in the paper's equations). It bounds r ≥ −peak when exp(Hx + μ) overshoots 
 sign of r, so r = 0 stays the fixed point, but the iteration is no longer exact proximal gradient on the
 Poisson NLL. Kept by default (``residual_elu=True``); ``False`` gives the exact iteration.
 
+Unsupervised (dictionary-learning) mode, loss nll(η̂, y) without a clean target: the NLL rewards fitting
+the noise, so a learned b drifts to 0, and the atoms' scale is free. Set ``learn_threshold=False,
+normalize_atoms=True`` (the official simulated runs fix λ and renormalize H after every step; here the atoms
+are reparametrized as (1/√L)·h/‖h‖, because projecting after each Adam step equalizes the entries' magnitudes).
+
 Symbol → attribute:
 
     ==========  ================================================  ===================================
@@ -49,10 +54,9 @@ Symbol → attribute:
     T, K, k, s  ``depth, filters, kernel_size, stride``
     ==========  ================================================  ===================================
 
-Paper configuration (Poisson denoising, peaks 1/2/4): T=15, K=169, k=11, s=7, b₀ = 0.1 (peak 4) or 0.01
-(peaks 1, 2) → DCEA-C 169·121 + 169 = 20,618 and DCEA-UC 3·169·121 + 169 = 61,516 parameters.
-Initialization: random normal atoms of unit norm divided by √L, L = κ·(power-method ‖H‖²₂); the official
-code uses 5× a power-method estimate taken through the exp link instead.
+Paper configuration (Poisson, peaks 1/2/4): T=15, K=169, k=11, s=7, b₀ = 0.1 (peak 4) or 0.01 (peaks 1, 2)
+→ DCEA-C 169·121 + 169 = 20,618 and DCEA-UC 3·169·121 + 169 = 61,516 parameters. Init: unit-norm random
+normal atoms / √L, L = κ·(power-method ‖H‖²₂) (official: 5× a power-method estimate through the exp link).
 """
 
 from __future__ import annotations
@@ -87,6 +91,8 @@ class DCEAConfig:
     threshold_init: float = 0.1
     mu: float | None = None  # None: μ = natural parameter of each image's mean intensity
     residual_elu: bool = True  # Poisson only: the official ELU(α=peak) on the residual
+    learn_threshold: bool = True  # False: b is a fixed buffer (dictionary-learning mode, loss.kind=nll)
+    normalize_atoms: bool = False  # True: every atom is kept at its initial norm 1/√L (ditto)
     init_seed: int = 0
 
     def __post_init__(self) -> None:
@@ -134,20 +140,35 @@ class DCEA(nn.Module):
         w = w / w.flatten(1).norm(dim=1).view(K, 1, 1, 1)  # unit-norm atoms (official F.normalize)
         kappa = lk.curvature(config.likelihood, peak=config.peak, trials=config.trials)
         w = w / (kappa * power_method(w, config.stride, size=max(128, 4 * k))) ** 0.5  # step 1/L absorbed
+        self.atom_norm = float(w[0].norm())  # 1/√L, the same for every atom
         self.H = nn.Parameter(w.clone())
         if not config.tied:
             self.W_e = nn.Parameter(w.clone())
             self.W_d = nn.Parameter(w.clone())
-        self.threshold = nn.Parameter(torch.full((K,), config.threshold_init))
+        b = torch.full((K,), config.threshold_init)
+        if config.learn_threshold:
+            self.threshold = nn.Parameter(b)
+        else:
+            self.register_buffer("threshold", b)
         self.depth = config.depth
+
+    def _atoms(self, w: Tensor) -> Tensor:
+        """w, or w with every atom rescaled to the initial norm 1/√L (``normalize_atoms``)."""
+        if not self.config.normalize_atoms:
+            return w
+        return w * (self.atom_norm / w.flatten(1).norm(dim=1).clamp_min(1e-12)).view(-1, 1, 1, 1)
+
+    @property
+    def synthesis(self) -> Tensor:
+        return self._atoms(self.H)
 
     @property
     def encoder(self) -> Tensor:
-        return self.H if self.config.tied else self.W_e
+        return self.synthesis if self.config.tied else self._atoms(self.W_e)
 
     @property
     def decoder(self) -> Tensor:
-        return self.H if self.config.tied else self.W_d
+        return self.synthesis if self.config.tied else self._atoms(self.W_d)
 
     def set_depth(self, depth: int) -> None:
         """Run ``depth`` unfoldings from now on (weights are tied across t: nothing to warm-start)."""
@@ -173,16 +194,17 @@ class DCEA(nn.Module):
         b = self.threshold.view(1, -1, 1, 1)  # (1, K, 1, 1)
         elu = cfg.residual_elu and cfg.likelihood == "poisson"
         hw = cs.shape[-2:]
+        H, W_e = self.synthesis, self.encoder
         codes: list[Tensor] = []
         x = None  # x_0 = 0
         for _ in range(T):
-            eta = mu if x is None else conv_synthesis(x, self.H, s, hw) + mu  # H x_t + μ: (N, C, Ph, Pw)
+            eta = mu if x is None else conv_synthesis(x, H, s, hw) + mu  # H x_t + μ: (N, C, Ph, Pw)
             r = cs - lk.inverse_link(cfg.likelihood, eta, trials=cfg.trials)  # Eq. (1)
             if elu:
                 r = F.elu(r, alpha=cfg.peak)  # Eq. (1')
-            v = conv_analysis(r, self.encoder, s, add=x)  # x_t + W_e r_t: (N, K, h, w)
+            v = conv_analysis(r, W_e, s, add=x)  # x_t + W_e r_t: (N, K, h, w)
             x = F.relu(v - b)  # Eq. (2)
-            codes = codes + [x] if keep_all else [x]
+            codes = [*codes, x] if keep_all else [x]
         return codes
 
     def _stack(self, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:

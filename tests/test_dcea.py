@@ -17,7 +17,6 @@ from sparsefold.config import ConfigError, NoiseConfig, dataclass_from_dict, run
 from sparsefold.datasets.noise import add_noise
 from sparsefold.models import DCEA, DCEAConfig, DCEAUCConfig, build_model, count_parameters
 from sparsefold.models import likelihoods as lk
-from sparsefold.models._ops import shift_stack
 
 f64 = torch.float64
 KINDS = list(lk.KINDS)
@@ -148,6 +147,20 @@ def test_untied_equals_tied_at_init_and_unties() -> None:
     assert {n for n, _ in tied.named_parameters()} == {"H", "threshold"}
 
 
+def test_dictionary_learning_options() -> None:
+    """learn_threshold=False: b is a buffer; normalize_atoms: the output does not depend on the atoms' scale."""
+    model = DCEA(small(tied=False, learn_threshold=False, normalize_atoms=True))
+    assert {n for n, _ in model.named_parameters()} == {"H", "W_e", "W_d"} and "threshold" in model.state_dict()
+    y = torch.rand(1, 1, 20, 20, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        before = model(y)
+        for w in (model.H, model.W_e, model.W_d):
+            w.mul_(torch.linspace(0.5, 3.0, w.shape[0]).view(-1, 1, 1, 1))
+        torch.testing.assert_close(model(y), before)
+    norms = model.dictionary().flatten(1).norm(dim=1)
+    torch.testing.assert_close(norms, torch.full_like(norms, model.atom_norm))
+
+
 def test_paper_parameter_counts() -> None:
     assert count_parameters(build_model(DCEAConfig())) == 169 * 121 + 169 == 20_618
     assert count_parameters(build_model(DCEAUCConfig())) == 3 * 169 * 121 + 169 == 61_516
@@ -217,3 +230,62 @@ def test_supervised_mse_on_poisson_peak4_lowers_the_loss(tied: bool) -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+# ------------------------------------------------------------------ unsupervised dictionary learning
+
+
+def atom_recovery(learned: torch.Tensor, planted: torch.Tensor) -> torch.Tensor:
+    """For each planted filter (K, 1, p, p), the max over learned atoms (J, 1, k, k), k ≥ p, and over the
+    (k − p + 1)² placements of |⟨h, window of d⟩| / (‖h‖ ‖d‖): 1 iff some atom is ±h, shifted, zero elsewhere."""
+    d = learned / learned.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    h = planted / planted.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    return F.conv2d(d, h).abs().amax(dim=(0, 2, 3))  # (J, K, shifts, shifts) -> (K,)
+
+
+def test_unsupervised_binomial_dictionary_learning_recovers_planted_filters() -> None:
+    """The DCEA paper's binomial experiment, in 2-D and small: y ~ Binomial(n, sigmoid(Σ h_k ⊛ x_k + μ)) / n with
+    K = 4 planted random 5×5 filters and sparse non-negative codes; DCEA-C (16 atoms 7×7, T = 15, fixed b,
+    normalized atoms) is trained with Adam on the binomial NLL of y alone.
+
+    Criterion: every planted filter has a learned atom with normalized correlation ≥ 0.9 (angle < 26°). Chance
+    level (random init, 16 atoms × 9 placements of 25 i.i.d. entries, correlations ~ N(0, 1/49)) is ≈ 0.3–0.5;
+    measured here 0.93–0.99 after 150 steps (≈ 13 s on one shared core); with six other (planted, init) seeds
+    and 300 steps the worst filter scored 0.91–0.97. Fixed b and normalized atoms matter: with a learned b the
+    NLL drives b down and the codes fill with noise; projecting atoms back to the sphere after each Adam step
+    (instead of ``normalize_atoms``) equalizes the entries' magnitudes and stalls at ≈ 0.85–0.9."""
+    K, p, n, mu, size = 4, 5, 50, -1.0, 32
+    g = torch.Generator().manual_seed(0)
+    planted = torch.randn(K, 1, p, p, generator=g)
+    planted /= planted.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    noise = NoiseConfig(kind="binomial", trials=n)
+
+    def batch(gen: torch.Generator, b: int = 8) -> torch.Tensor:
+        grid = size + p - 1  # codes also just outside the image, so that atoms enter through the border
+        x = (torch.rand(b, K, grid, grid, generator=gen) < 0.005) * (4 + 4 * torch.rand(b, K, grid, grid, generator=gen))
+        eta = F.conv_transpose2d(x, planted)[..., p - 1:p - 1 + size, p - 1:p - 1 + size] + mu
+        return add_noise(torch.sigmoid(eta), noise, gen)[0]  # Binomial(n, sigmoid(η)) / n, the data module's units
+
+    cfg = DCEAConfig(likelihood="binomial", trials=n, mu=mu, filters=16, kernel_size=7, stride=1, depth=15,
+                     threshold_init=1.0, learn_threshold=False, normalize_atoms=True, init_seed=1)
+    model = DCEA(cfg)
+    cfg.check_noise(noise)
+    at_init = atom_recovery(model.dictionary(), planted)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    steps = 150
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    gen, start = torch.Generator().manual_seed(1), time.perf_counter()
+    losses = []
+    for _ in range(steps):
+        y = batch(gen)
+        loss = lk.nll("binomial", model.natural(y), y, trials=n)  # no clean target
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    learned = atom_recovery(model.dictionary(), planted)
+    print(f"atom recovery: random init {at_init.numpy().round(3)}, learned {learned.numpy().round(3)}, "
+          f"NLL {sum(losses[:10]) / 10:.3f} -> {sum(losses[-10:]) / 10:.3f}, {time.perf_counter() - start:.1f} s")
+    assert at_init.max() < 0.6
+    assert learned.min() >= 0.9, learned
