@@ -223,3 +223,14 @@ def test_latest_step_uri(tmp_path):
     (root / "step_0000099").write_text("a file, not a checkpoint")
     assert latest_step_uri(root.as_uri()) == f"{root.as_uri()}/step_0000010"
     assert latest_step_uri((tmp_path / "none").as_uri()) is None
+
+
+def test_data_paths_are_made_absolute_for_ray_workers(tmp_path, monkeypatch):
+    """Ray workers run in another directory: fit() hands them absolute local data paths."""
+    from sparsefold.trainers.ray_train import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute_paths("data/set12|builtin:skimage") == f"{tmp_path}/data/set12|builtin:skimage"
+    assert absolute_paths("shards/train-{000000..000009}.tar") == f"{tmp_path}/shards/train-{{000000..000009}}.tar"
+    for unchanged in ("s3://bucket/train-{0..3}.tar", "builtin:skimage", "", "/abs/dir", "pipe:cat x.tar"):
+        assert absolute_paths(unchanged) == unchanged

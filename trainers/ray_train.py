@@ -54,6 +54,18 @@ def resume_checkpoint(ctx: Any, restored: Any) -> Path | None:
     return Path(ray.train.Checkpoint(f"{root}/{name}", filesystem=fs).to_directory())
 
 
+def absolute_paths(spec: str) -> str:
+    """Make the local paths of a data spec absolute on the driver (``A|B`` fallbacks, brace patterns kept);
+    URLs, ``builtin:`` and ``pipe:`` specs and the empty string are returned unchanged."""
+    if not spec:
+        return spec
+    parts = []
+    for part in str(spec).split("|"):
+        keep = is_url(part) or part.startswith(("builtin:", "pipe:")) or Path(part).expanduser().is_absolute()
+        parts.append(part if keep else str(Path(part).expanduser().absolute()))
+    return "|".join(parts)
+
+
 def preflight(cfg: RunConfig) -> None:
     """Data checks on the driver, before Ray starts: a missing data path, an empty shard list or fewer
     shards than ranks × loader workers fail here with one line instead of inside every worker."""
@@ -174,6 +186,8 @@ def fit(cfg: RunConfig, *, callbacks: list | None = None, gpus_per_worker: float
     storage, name, run_root = storage_of(cfg)
     run = cfg.to_dict()
     run["trainer"]["output_dir"] = storage  # absolute (or the URL), whatever the workers' directory
+    for key in ("train", "val", "cache_dir"):  # Ray workers run in another directory: absolute data paths
+        run["data"][key] = absolute_paths(run["data"][key])
     preflight(cfg)
     announce_resume(cfg, run_root)
     if not ray.is_initialized():
