@@ -28,3 +28,15 @@ def tiny_overrides(tmp_path, cache_dir) -> list[str]:
         f"trainer.output_dir={tmp_path / 'runs'}", "trainer.progress=false", "trainer.log_every=5",
         "wandb.mode=offline", "optim.lr=2e-3", "optim.schedule=constant",
     ]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Behaviour, not speed: one intra-op thread keeps model tests fast and steady on a shared 2-core box.
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

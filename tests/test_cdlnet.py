@@ -25,12 +25,7 @@ f64 = torch.float64
 SET12 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "set12"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def gen(seed: int) -> torch.Generator:

@@ -23,12 +23,7 @@ KINDS = list(lk.KINDS)
 UNITS = dict(peak=3.0, trials=5)  # non-trivial peak / number of trials for the likelihood tests
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def small(kind: str = "poisson", tied: bool = True, **kw) -> DCEAConfig:

@@ -21,12 +21,7 @@ from sparsefold.models.lidia import LIDIA, LIDIAConfig
 TINY = dict(window=7, neighbours=6, width=8, weight_layers=2)  # fast, same code paths
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def brute_knn(img: torch.Tensor, p: int, k: int, window: int, d: int, s: int):

@@ -21,12 +21,7 @@ from sparsefold.models.lista import LISTA, LISTAConfig, initial_dictionary, ista
 f64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def gen(seed: int) -> torch.Generator:

@@ -30,13 +30,7 @@ from sparsefold.models._ops import (
 f64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Behaviour, not speed: one intra-op thread keeps these tests fast and steady on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def gen(seed: int) -> torch.Generator:

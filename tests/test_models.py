@@ -57,14 +57,7 @@ def build(name: str, seed: int = 0) -> nn.Module:
     return build_model(small_config(name))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tests check behaviour, not speed: one intra-op thread keeps them fast and steady on a shared
-    2-core machine (with another process busy, every 2-thread parallel region waits for a time slice)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(params=NAMES)

@@ -11,13 +11,7 @@ from sparsefold.models import CSCNetConfig, build_model
 from sparsefold.models._ops import estimate_sigma
 from sparsefold.trainers.losses import Objective, multilayer_weights
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def tiny(**kw) -> CSCNetConfig:
