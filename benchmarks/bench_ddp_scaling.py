@@ -6,6 +6,8 @@
   plain : ``sparsefold.trainers.loop.train`` in this process (``trainer.use_ray=false``)
   ray1  : Ray Train, 1 worker  (``trainer.use_ray=true trainer.workers=1``)
   ray2  : Ray Train, 2 workers (``trainer.workers=2``, DDP over gloo)
+  torch2: the same loop in 2 processes under plain ``torch.distributed`` DDP over gloo (no Ray): separates
+          what DDP itself costs on this machine from what the Ray processes around it cost
 
 Every run: the quickstart CSCNet (``--config``, default the packaged quickstart.yaml: T=10, 64 filters 7×7,
 stride 2, 8 × 64² patches per worker) on --data, 1 torch thread and 1 CPU per worker
@@ -21,6 +23,8 @@ group start, process group, teardown). Ratios:
   ray_overhead     = loop_s(ray1) / loop_s(plain)            (1.0 = no per-step cost of running under Ray)
   ddp_speedup      = samples/s(ray2) / samples/s(ray1)       (goal >= 1.8 on 2 cores, 1 thread per worker)
   ddp_over_plain   = samples/s(ray2) / samples/s(plain)
+  torch_ddp_speedup = samples/s(torch2) / samples/s(plain)   (DDP without Ray)
+  ray2_over_torch2 = samples/s(ray2) / samples/s(torch2)     (what Ray's processes cost at 2 workers)
 
 Use enough --steps that the start of the loop (shuffle-buffer fill, first batches) is amortized (60+ on a
 quiet machine); compare runs only at similar load averages (printed, and stored in the JSON).
@@ -45,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default="../shared/data/bsd432", help="training images (folder, shards or builtin:skimage)")
     p.add_argument("--config", default="", help="training config YAML (default: the packaged quickstart)")
     p.add_argument("--steps", type=int, default=60, help="optimizer steps of every run")
-    p.add_argument("--runs", nargs="+", default=["plain", "ray1", "ray2"], choices=["plain", "ray1", "ray2"])
+    p.add_argument("--runs", nargs="+", default=["plain", "ray1", "ray2"], choices=["plain", "ray1", "ray2", "torch2"])
     p.add_argument("--cache-dir", default="", help="shard cache (default: ~/.cache/sparsefold)")
     p.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray instance")
     p.add_argument("--loader-workers", type=int, default=0, help="data.num_workers of every run")
@@ -67,9 +71,117 @@ def run_config(a: argparse.Namespace, out_dir: Path, name: str, extra: list[str]
         "trainer.resume=false", "wandb.mode=disabled", *a.overrides, *extra])
 
 
+def _torch_worker(rank: int, world: int, cfg: Any, port: int, queue: Any) -> None:
+    """One rank of the ``torch2`` run: the plain loop under torch.distributed DDP (gloo), no Ray."""
+    import torch
+    import torch.distributed as tdist
+
+    from sparsefold.trainers.loop import Dist, train
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    tdist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        out = train(cfg, Dist(rank=rank, world_size=world, local_rank=rank,
+                              wrap=lambda m: torch.nn.parallel.DistributedDataParallel(m)))
+        if rank == 0:
+            queue.put(out)
+    finally:
+        tdist.destroy_process_group()
+
+
+def torch_ddp(cfg: Any, world: int) -> dict[str, Any]:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:  # a free port for the process group's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    mp.start_processes(_torch_worker, args=(world, cfg, port, queue), nprocs=world, start_method="spawn", join=True)
+    return queue.get()
+
+
+class CpuByProcess:
+    """Where the machine's CPU time goes during a run: every second, the cumulative utime+stime of every
+    live process (``/proc/<pid>/stat``), grouped by what the process is (Ray worker, Train controller,
+    raylet, GCS, dashboard, this driver, other). A process that exits loses at most its last second."""
+
+    GROUPS = (("ray::RayTrainWorker", "train workers"), ("ray::TrainController", "train controller"),
+              ("raylet", "raylet"), ("gcs_server", "gcs"), ("dashboard", "dashboard + agents"),
+              ("ray::", "other ray actors"), ("log_monitor", "ray log monitor"), ("monitor.py", "ray log monitor"))
+
+    def __init__(self) -> None:
+        import threading
+
+        self.first: dict[int, float] = {}
+        self.last: dict[int, tuple[str, float]] = {}
+        self.stop = threading.Event()
+        self.baseline = True
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _label(self, pid: int) -> str:
+        if pid == os.getpid():
+            return "bench driver"
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            return "other"
+        if "spawn_main" in cmd or "multiprocessing" in cmd:
+            return "torch ddp ranks"
+        return next((label for key, label in self.GROUPS if key in cmd), "other")
+
+    def _sample(self) -> None:
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            pid, cpu = int(d.name), (int(fields[11]) + int(fields[12])) / self.tick  # utime + stime
+            if pid not in self.first:
+                self.first[pid] = cpu if self.baseline else 0.0  # processes started during the run count from 0
+            label = self.last[pid][0] if pid in self.last else self._label(pid)
+            self.last[pid] = (label, cpu)
+
+    def _run(self) -> None:
+        while not self.stop.wait(1.0):
+            self._sample()
+
+    def __enter__(self) -> "CpuByProcess":
+        self._sample()  # baseline of the processes alive before the run
+        self.baseline = False
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.thread.join()
+        self._sample()
+
+    def totals(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for pid, (label, cpu) in self.last.items():
+            out[label] = out.get(label, 0.0) + cpu - self.first.get(pid, 0.0)
+        return {k: round(v, 1) for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v >= 0.05}
+
+
 def measure(name: str, cfg: Any) -> dict[str, Any]:
+    with CpuByProcess() as cpu:
+        row = _measure(name, cfg)
+    row["cpu_s_by_process"] = cpu.totals()
+    print(f"       CPU-seconds by process during the run: {row['cpu_s_by_process']}", file=sys.stderr, flush=True)
+    return row
+
+
+def _measure(name: str, cfg: Any) -> dict[str, Any]:
     t0 = time.perf_counter()
-    if cfg.trainer.use_ray:
+    if name == "torch2":
+        out = torch_ddp(cfg, 2)
+    elif cfg.trainer.use_ray:
         from sparsefold.trainers.ray_train import fit
 
         out = fit(cfg)
@@ -79,7 +191,7 @@ def measure(name: str, cfg: Any) -> dict[str, Any]:
         out = train(cfg)
     wall = time.perf_counter() - t0
     loop = float(out["seconds"])
-    row = {"run": name, "workers": cfg.trainer.workers if cfg.trainer.use_ray else 1, "steps": out["steps"],
+    row = {"run": name, "workers": 2 if name == "torch2" else cfg.trainer.workers if cfg.trainer.use_ray else 1, "steps": out["steps"],
            "samples": out["samples"], "loop_s": round(loop, 3), "wall_s": round(wall, 3),
            "fixed_s": round(wall - loop, 3), "samples_per_s": round(out["samples"] / loop, 2),
            "batch_per_worker": cfg.data.batch_size}
@@ -113,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 ray.init(address="local", num_cpus=a.cpus, log_to_driver=True)  # a new instance, never another one
                 ray_init_s = round(time.perf_counter() - t0, 2)
-            extra = [] if name == "plain" else ["trainer.use_ray=true", f"trainer.workers={name[-1]}"]
+            extra = [] if name in ("plain", "torch2") else ["trainer.use_ray=true", f"trainer.workers={name[-1]}"]
             rows[name] = measure(name, run_config(a, Path(tmp), name, extra))
         cfg = to_plain(probe)
     if ray_init_s is not None:
@@ -123,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         ratios["ray_overhead"] = round(rows["ray1"]["loop_s"] / rows["plain"]["loop_s"], 3)
     if "ray1" in rows and "ray2" in rows:
         ratios["ddp_speedup"] = round(rows["ray2"]["samples_per_s"] / rows["ray1"]["samples_per_s"], 3)
+    if "plain" in rows and "torch2" in rows:
+        ratios["torch_ddp_speedup"] = round(rows["torch2"]["samples_per_s"] / rows["plain"]["samples_per_s"], 3)
+    if "torch2" in rows and "ray2" in rows:
+        ratios["ray2_over_torch2"] = round(rows["ray2"]["samples_per_s"] / rows["torch2"]["samples_per_s"], 3)
     if "plain" in rows and "ray2" in rows:
         ratios["ddp_over_plain"] = round(rows["ray2"]["samples_per_s"] / rows["plain"]["samples_per_s"], 3)
     for k, v in ratios.items():

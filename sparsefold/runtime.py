@@ -140,7 +140,10 @@ def select_runtime(
 
 
 def runtime_for(trainer, local_rank: int = 0) -> Runtime:
-    """:func:`select_runtime` from a :class:`~sparsefold.config.TrainerConfig`."""
+    """:func:`select_runtime` from a :class:`~sparsefold.config.TrainerConfig`. Also applies
+    :func:`configure_cpu_allocator` to this process: the training loop calls this first in every process
+    that trains (plain, each Ray Train worker, each sweep trial), not only in the CLI's driver."""
+    configure_cpu_allocator()
     return select_runtime(trainer.use_gpu, trainer.amp, local_rank, trainer.threads, precision=trainer.precision,
                           compile=trainer.compile, channels_last=trainer.channels_last)
 

@@ -67,17 +67,29 @@ def collect_trials(sweep_dir: Path, spec: SweepSpec) -> list[dict[str, Any]]:
         if err_file.is_file():
             lines = [ln for ln in err_file.read_text(errors="replace").splitlines() if ln.strip()]
             error = lines[-1][:300] if lines else "error"
+        timed = [r for r in rows if _finite(r.get("time_total_s")) and _finite(r.get("step"))]
+        last_iter = (timed[-1]["time_this_iter_s"], int(timed[-1]["step"]) - int(timed[-2]["step"])) \
+            if len(timed) >= 2 else (None, None)  # seconds and steps of the last validation interval
         out.append({"trial_id": trial.trial_id, "status": status, "params": params, "steps": steps,
+                    "train_s": round(max((r["time_total_s"] for r in timed), default=0.0), 1),
+                    "last_iter_s": last_iter[0], "last_iter_steps": last_iter[1],
                     "max_steps": cfg.trainer.max_steps, "best_val_psnr": best[0], "best_step": best[1],
                     "validations": len(rows), "run_dir": str(run_dir_of(cfg)), "error": error})
     return out
 
 
 def compute_savings(trials: list[dict]) -> dict[str, Any]:
-    """Steps trained vs trials × max_steps over finished trials (done or stopped by ASHA)."""
+    """Steps trained vs trials × max_steps over finished trials (done or stopped by ASHA), and the same in
+    trial-seconds: what the trials took vs an estimate of what running the stopped ones to the end would
+    have taken (their remaining steps at the pace of their last validation interval)."""
     fin = [t for t in trials if t["status"] in ("done", "stopped")]
     trained, budget = sum(t["steps"] for t in fin), sum(t["max_steps"] for t in fin)
-    return {"finished": len(fin), "stopped_early": sum(t["status"] == "stopped" for t in fin),
+    secs = sum(t.get("train_s") or 0.0 for t in fin)
+    rest = sum((t["max_steps"] - t["steps"]) / t["last_iter_steps"] * t["last_iter_s"] for t in fin
+               if t["status"] == "stopped" and t.get("last_iter_steps") and t.get("last_iter_s") is not None)
+    return {"trial_seconds": round(secs, 1), "trial_seconds_without_asha": round(secs + rest, 1),
+            "saved_seconds_fraction": round(rest / (secs + rest), 4) if secs + rest > 0 else None,
+            "finished": len(fin), "stopped_early": sum(t["status"] == "stopped" for t in fin),
             "errored": sum(t["status"] == "error" for t in trials),
             "unfinished": sum(t["status"] not in ("done", "stopped", "error") for t in trials),
             "steps_trained": trained, "steps_budget": budget,
@@ -247,7 +259,10 @@ def make_report(sweep_dir: Path, test_dir: Path | None = None, images: int = 0, 
           f"y axis: {y}; test set: {test_name}; latency: {size}×{size} image, median of {repeats}, "
           f"{torch.get_num_threads()} threads", f"- ASHA: {savings['steps_trained']} of {savings['steps_budget']} steps "
           f"trained by {savings['finished']} finished trials ({savings['stopped_early']} stopped early): saved "
-          f"{100 * (savings['saved_fraction'] or 0):.1f} %; {savings['errored']} errored, {savings['unfinished']} unfinished",
+          f"{100 * (savings['saved_fraction'] or 0):.1f} % of the steps; {savings['trial_seconds']:,.0f} trial-seconds "
+          f"vs ≈{savings['trial_seconds_without_asha']:,.0f} without early stopping (saved "
+          f"{100 * (savings['saved_seconds_fraction'] or 0):.1f} %); {savings['errored']} errored, "
+          f"{savings['unfinished']} unfinished",
           "", *write_tables(rows, keys, out), ""]
     fronts = {}
     for xkey in ("n_params", "cpu_ms"):

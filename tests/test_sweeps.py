@@ -147,11 +147,14 @@ def test_tuner_parts_use_ray_tune_searchers_and_asha(tmp_path):
 def test_pareto_front_and_savings():
     costs, psnr = [10, 20, 30, 40, 20], [27.0, 28.0, 27.5, 29.0, 28.0]
     assert pareto_front(costs, psnr) == [True, True, False, True, True]  # equal points do not dominate
-    trials = [{"status": "done", "steps": 12, "max_steps": 12}, {"status": "stopped", "steps": 4, "max_steps": 12},
+    trials = [{"status": "done", "steps": 12, "max_steps": 12, "train_s": 30.0},
+              {"status": "stopped", "steps": 4, "max_steps": 12, "train_s": 14.0, "last_iter_s": 4.0, "last_iter_steps": 2},
               {"status": "error", "steps": 0, "max_steps": 12}, {"status": "pending", "steps": 0, "max_steps": 12}]
     s = compute_savings(trials)
     assert (s["steps_trained"], s["steps_budget"], s["saved_fraction"]) == (16, 24, round(1 - 16 / 24, 4))
     assert (s["finished"], s["stopped_early"], s["errored"], s["unfinished"]) == (2, 1, 1, 1)
+    # the stopped trial's 8 remaining steps at its last pace (2 steps per 4 s) would have taken 16 s more
+    assert (s["trial_seconds"], s["trial_seconds_without_asha"], s["saved_seconds_fraction"]) == (44.0, 60.0, round(16 / 60, 4))
 
 
 # ------------------------------------------------------------------ one real sweep on a local cluster
