@@ -108,9 +108,10 @@ class CpuByProcess:
     live process (``/proc/<pid>/stat``), grouped by what the process is (Ray worker, Train controller,
     raylet, GCS, dashboard, this driver, other). A process that exits loses at most its last second."""
 
-    GROUPS = (("ray::RayTrainWorker", "train workers"), ("ray::TrainController", "train controller"),
-              ("raylet", "raylet"), ("gcs_server", "gcs"), ("dashboard", "dashboard + agents"),
-              ("ray::", "other ray actors"), ("log_monitor", "ray log monitor"), ("monitor.py", "ray log monitor"))
+    GROUPS = (("ray::RayTrainWorker", "ray train workers"), ("ray::TrainController", "ray train controller"),
+              ("ray::", "other ray actors"), ("default_worker.py", "ray pooled idle workers"),
+              ("gcs_server", "ray gcs"), ("dashboard", "ray dashboard + agents"), ("log_monitor", "ray log monitor"),
+              ("monitor.py", "ray log monitor"), ("raylet", "raylet"))
 
     def __init__(self) -> None:
         import threading
@@ -129,7 +130,7 @@ class CpuByProcess:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             return "other"
-        if "spawn_main" in cmd or "multiprocessing" in cmd:
+        if "multiprocessing.spawn" in cmd or "spawn_main" in cmd:
             return "torch ddp ranks"
         return next((label for key, label in self.GROUPS if key in cmd), "other")
 
@@ -144,8 +145,7 @@ class CpuByProcess:
             pid, cpu = int(d.name), (int(fields[11]) + int(fields[12])) / self.tick  # utime + stime
             if pid not in self.first:
                 self.first[pid] = cpu if self.baseline else 0.0  # processes started during the run count from 0
-            label = self.last[pid][0] if pid in self.last else self._label(pid)
-            self.last[pid] = (label, cpu)
+            self.last[pid] = (self._label(pid), cpu)  # re-read: Ray workers rename themselves (setproctitle)
 
     def _run(self) -> None:
         while not self.stop.wait(1.0):
