@@ -8,6 +8,8 @@
   ray2  : Ray Train, 2 workers (``trainer.workers=2``, DDP over gloo)
   torch2: the same loop in 2 processes under plain ``torch.distributed`` DDP over gloo (no Ray): separates
           what DDP itself costs on this machine from what the Ray processes around it cost
+  plain2: 2 independent plain trainings at once (no DDP, no Ray, nothing shared): the machine's own ceiling
+          for this workload on 2 cores, which no data-parallel scheme can beat
 
 Every run: the quickstart CSCNet (``--config``, default the packaged quickstart.yaml: T=10, 64 filters 7×7,
 stride 2, 8 × 64² patches per worker) on --data, 1 torch thread and 1 CPU per worker
@@ -25,6 +27,8 @@ group start, process group, teardown). Ratios:
   ddp_over_plain   = samples/s(ray2) / samples/s(plain)
   torch_ddp_speedup = samples/s(torch2) / samples/s(plain)   (DDP without Ray)
   ray2_over_torch2 = samples/s(ray2) / samples/s(torch2)     (what Ray's processes cost at 2 workers)
+  machine_ceiling  = samples/s(plain2) / samples/s(plain)    (2 independent runs: what 2 cores give this workload)
+  ray2_over_ceiling = samples/s(ray2) / samples/s(plain2)    (1.0 = DDP under Ray loses nothing to the ceiling)
 
 Use enough --steps that the start of the loop (shuffle-buffer fill, first batches) is amortized (60+ on a
 quiet machine); compare runs only at similar load averages (printed, and stored in the JSON).
@@ -49,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default="../shared/data/bsd432", help="training images (folder, shards or builtin:skimage)")
     p.add_argument("--config", default="", help="training config YAML (default: the packaged quickstart)")
     p.add_argument("--steps", type=int, default=60, help="optimizer steps of every run")
-    p.add_argument("--runs", nargs="+", default=["plain", "ray1", "ray2"], choices=["plain", "ray1", "ray2", "torch2"])
+    p.add_argument("--runs", nargs="+", default=["plain", "ray1", "ray2"], choices=["plain", "ray1", "ray2", "torch2", "plain2"])
     p.add_argument("--cache-dir", default="", help="shard cache (default: ~/.cache/sparsefold)")
     p.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray instance")
     p.add_argument("--loader-workers", type=int, default=0, help="data.num_workers of every run")
@@ -87,6 +91,28 @@ def _torch_worker(rank: int, world: int, cfg: Any, port: int, queue: Any) -> Non
             queue.put(out)
     finally:
         tdist.destroy_process_group()
+
+
+def _plain_worker(rank: int, cfg: Any, queue: Any) -> None:
+    """One of the ``plain2`` runs: the plain loop, its own run name, nothing shared with the other."""
+    import dataclasses
+
+    from sparsefold.trainers.loop import train
+
+    cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, run_name=f"{cfg.trainer.run_name}-{rank}"))
+    queue.put(train(cfg))
+
+
+def independent(cfg: Any, n: int) -> dict[str, Any]:
+    """``n`` plain trainings at once; samples summed, loop time = the slowest one's."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    mp.start_processes(_plain_worker, args=(cfg, queue), nprocs=n, start_method="spawn", join=True)
+    outs = [queue.get() for _ in range(n)]
+    return {"steps": outs[0]["steps"], "samples": sum(o["samples"] for o in outs),
+            "seconds": max(float(o["seconds"]) for o in outs)}
 
 
 def torch_ddp(cfg: Any, world: int) -> dict[str, Any]:
@@ -131,7 +157,7 @@ class CpuByProcess:
         except OSError:
             return "other"
         if "multiprocessing.spawn" in cmd or "spawn_main" in cmd:
-            return "torch ddp ranks"
+            return "spawned ranks / runs"
         return next((label for key, label in self.GROUPS if key in cmd), "other")
 
     def _sample(self) -> None:
@@ -181,6 +207,8 @@ def _measure(name: str, cfg: Any) -> dict[str, Any]:
     t0 = time.perf_counter()
     if name == "torch2":
         out = torch_ddp(cfg, 2)
+    elif name == "plain2":
+        out = independent(cfg, 2)
     elif cfg.trainer.use_ray:
         from sparsefold.trainers.ray_train import fit
 
@@ -191,7 +219,7 @@ def _measure(name: str, cfg: Any) -> dict[str, Any]:
         out = train(cfg)
     wall = time.perf_counter() - t0
     loop = float(out["seconds"])
-    row = {"run": name, "workers": 2 if name == "torch2" else cfg.trainer.workers if cfg.trainer.use_ray else 1, "steps": out["steps"],
+    row = {"run": name, "workers": 2 if name in ("torch2", "plain2") else cfg.trainer.workers if cfg.trainer.use_ray else 1, "steps": out["steps"],
            "samples": out["samples"], "loop_s": round(loop, 3), "wall_s": round(wall, 3),
            "fixed_s": round(wall - loop, 3), "samples_per_s": round(out["samples"] / loop, 2),
            "batch_per_worker": cfg.data.batch_size}
@@ -225,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 ray.init(address="local", num_cpus=a.cpus, log_to_driver=True)  # a new instance, never another one
                 ray_init_s = round(time.perf_counter() - t0, 2)
-            extra = [] if name in ("plain", "torch2") else ["trainer.use_ray=true", f"trainer.workers={name[-1]}"]
+            extra = [] if name in ("plain", "torch2", "plain2") else ["trainer.use_ray=true", f"trainer.workers={name[-1]}"]
             rows[name] = measure(name, run_config(a, Path(tmp), name, extra))
         cfg = to_plain(probe)
     if ray_init_s is not None:
@@ -239,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
         ratios["torch_ddp_speedup"] = round(rows["torch2"]["samples_per_s"] / rows["plain"]["samples_per_s"], 3)
     if "torch2" in rows and "ray2" in rows:
         ratios["ray2_over_torch2"] = round(rows["ray2"]["samples_per_s"] / rows["torch2"]["samples_per_s"], 3)
+    if "plain" in rows and "plain2" in rows:
+        ratios["machine_ceiling"] = round(rows["plain2"]["samples_per_s"] / rows["plain"]["samples_per_s"], 3)
+    if "plain2" in rows and "ray2" in rows:
+        ratios["ray2_over_ceiling"] = round(rows["ray2"]["samples_per_s"] / rows["plain2"]["samples_per_s"], 3)
     if "plain" in rows and "ray2" in rows:
         ratios["ddp_over_plain"] = round(rows["ray2"]["samples_per_s"] / rows["plain"]["samples_per_s"], 3)
     for k, v in ratios.items():
