@@ -75,6 +75,15 @@ def run_config(a: argparse.Namespace, out_dir: Path, name: str, extra: list[str]
         "trainer.resume=false", "wandb.mode=disabled", *a.overrides, *extra])
 
 
+# name, numerator run, denominator run, column (see the module docstring)
+RATIOS = (("ray_overhead", "ray1", "plain", "loop_s"), ("ddp_speedup", "ray2", "ray1", "samples_per_s"),
+          ("torch_ddp_speedup", "torch2", "plain", "samples_per_s"),
+          ("ray2_over_torch2", "ray2", "torch2", "samples_per_s"),
+          ("machine_ceiling", "plain2", "plain", "samples_per_s"),
+          ("ray2_over_ceiling", "ray2", "plain2", "samples_per_s"),
+          ("ddp_over_plain", "ray2", "plain", "samples_per_s"))
+
+
 def _torch_worker(rank: int, world: int, cfg: Any, port: int, queue: Any) -> None:
     """One rank of the ``torch2`` run: the plain loop under torch.distributed DDP (gloo), no Ray."""
     import torch
@@ -103,14 +112,18 @@ def _plain_worker(rank: int, cfg: Any, queue: Any) -> None:
     queue.put(train(cfg))
 
 
-def independent(cfg: Any, n: int) -> dict[str, Any]:
-    """``n`` plain trainings at once; samples summed, loop time = the slowest one's."""
+def _spawn(fn: Any, n: int, args: tuple, results: int) -> list[dict[str, Any]]:
+    """Run ``fn(rank, *args, queue)`` in ``n`` spawned processes; collect ``results`` items from the queue."""
     import torch.multiprocessing as mp
 
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    mp.start_processes(_plain_worker, args=(cfg, queue), nprocs=n, start_method="spawn", join=True)
-    outs = [queue.get() for _ in range(n)]
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(fn, args=(*args, queue), nprocs=n, start_method="spawn", join=True)
+    return [queue.get() for _ in range(results)]
+
+
+def independent(cfg: Any, n: int) -> dict[str, Any]:
+    """``n`` plain trainings at once; samples summed, loop time = the slowest one's."""
+    outs = _spawn(_plain_worker, n, (cfg,), n)
     return {"steps": outs[0]["steps"], "samples": sum(o["samples"] for o in outs),
             "seconds": max(float(o["seconds"]) for o in outs)}
 
@@ -118,15 +131,10 @@ def independent(cfg: Any, n: int) -> dict[str, Any]:
 def torch_ddp(cfg: Any, world: int) -> dict[str, Any]:
     import socket
 
-    import torch.multiprocessing as mp
-
     with socket.socket() as s:  # a free port for the process group's rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    mp.start_processes(_torch_worker, args=(world, cfg, port, queue), nprocs=world, start_method="spawn", join=True)
-    return queue.get()
+    return _spawn(_torch_worker, world, (world, cfg, port), 1)[0]  # rank 0's summary
 
 
 class CpuByProcess:
@@ -258,21 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = to_plain(probe)
     if ray_init_s is not None:
         ray.shutdown()
-    ratios = {}
-    if "plain" in rows and "ray1" in rows:
-        ratios["ray_overhead"] = round(rows["ray1"]["loop_s"] / rows["plain"]["loop_s"], 3)
-    if "ray1" in rows and "ray2" in rows:
-        ratios["ddp_speedup"] = round(rows["ray2"]["samples_per_s"] / rows["ray1"]["samples_per_s"], 3)
-    if "plain" in rows and "torch2" in rows:
-        ratios["torch_ddp_speedup"] = round(rows["torch2"]["samples_per_s"] / rows["plain"]["samples_per_s"], 3)
-    if "torch2" in rows and "ray2" in rows:
-        ratios["ray2_over_torch2"] = round(rows["ray2"]["samples_per_s"] / rows["torch2"]["samples_per_s"], 3)
-    if "plain" in rows and "plain2" in rows:
-        ratios["machine_ceiling"] = round(rows["plain2"]["samples_per_s"] / rows["plain"]["samples_per_s"], 3)
-    if "plain2" in rows and "ray2" in rows:
-        ratios["ray2_over_ceiling"] = round(rows["ray2"]["samples_per_s"] / rows["plain2"]["samples_per_s"], 3)
-    if "plain" in rows and "ray2" in rows:
-        ratios["ddp_over_plain"] = round(rows["ray2"]["samples_per_s"] / rows["plain"]["samples_per_s"], 3)
+    ratios = {name: round(rows[num][key] / rows[den][key], 3) for name, num, den, key in RATIOS
+              if num in rows and den in rows}
     for k, v in ratios.items():
         print(f"{k}: {v}" + ("  (goal >= 1.8)" if k == "ddp_speedup" else ""), file=sys.stderr)
     load_end = os.getloadavg()
