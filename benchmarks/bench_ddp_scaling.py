@@ -185,7 +185,7 @@ class CpuByProcess:
         while not self.stop.wait(1.0):
             self._sample()
 
-    def __enter__(self) -> "CpuByProcess":
+    def __enter__(self) -> CpuByProcess:
         self._sample()  # baseline of the processes alive before the run
         self.baseline = False
         self.thread.start()
