@@ -62,6 +62,7 @@ class DeepKSVDConfig:
     atoms: int = 256
     depth: int = 5
     init_seed: int = 0
+    lambda_init: float | None = None  # None: official nn.Linear init; a value: λ_k ≡ lambda_init at init
 
     def __post_init__(self) -> None:
         check(self.patch_size >= 2, "patch_size", f"must be >= 2, got {self.patch_size}")
@@ -69,6 +70,8 @@ class DeepKSVDConfig:
         check(q * q == self.atoms and q >= self.patch_size, "atoms",
               f"must be a square q² with q >= patch_size={self.patch_size} (2-D DCT init), got {self.atoms}")
         check(self.depth >= 0, "depth", f"must be >= 0, got {self.depth}")
+        check(self.lambda_init is None or self.lambda_init > 0, "lambda_init",
+              f"must be None or > 0, got {self.lambda_init}")
 
 
 class DeepKSVD(nn.Module):
@@ -91,6 +94,9 @@ class DeepKSVD(nn.Module):
             nn.init.uniform_(lin.bias, -1 / math.sqrt(n_in), 1 / math.sqrt(n_in), generator=g)
             layers += [lin, nn.ReLU()] if i < len(HIDDEN) else [lin]
         self.mlp = nn.Sequential(*layers)
+        if config.lambda_init is not None:  # start as fixed-λ ISTA on the DCT: W₄ = 0, b₄ = λ₀
+            nn.init.zeros_(layers[-1].weight)
+            nn.init.constant_(layers[-1].bias, config.lambda_init)
         self.w = nn.Parameter(1 + 0.1 * torch.randn(m, generator=g))
         self.depth = config.depth  # active depth, see set_depth
 

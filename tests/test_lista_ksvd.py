@@ -298,6 +298,22 @@ def test_deep_ksvd_at_init_is_the_ista_unfolding_on_one_patch() -> None:
     torch.testing.assert_close(model(y).reshape(64), (expected + 1) / 2, rtol=0, atol=1e-7)  # c is stored in fp32
 
 
+def test_deep_ksvd_lambda_init_is_fixed_lambda_ista_on_every_patch() -> None:
+    model = DeepKSVD(DeepKSVDConfig(lambda_init=0.7, depth=3)).double()
+    P = 2 * torch.rand(5, 64, generator=gen(13), dtype=f64) - 1
+    _, lam = model.sparse_code(P)
+    torch.testing.assert_close(lam, torch.full((5, 1), 0.7, dtype=f64))  # λ_k ≡ λ₀ whatever the patch
+    y = torch.rand(1, 1, 8, 8, generator=gen(14), dtype=f64)
+    v = (2 * y - 1).reshape(64)
+    torch.testing.assert_close(model(y).reshape(64), (deep_ksvd_reference(model, v) + 1) / 2, rtol=0, atol=1e-7)
+    assert count_parameters(model) == 35_138  # the same parameters, only their starting values differ
+    loss = model(y).square().sum()
+    loss.backward()
+    assert model.mlp[-1].weight.grad.abs().sum() > 0  # W₄ = 0 still receives a gradient, so λ can adapt
+    with pytest.raises(ValueError, match="lambda_init"):
+        DeepKSVDConfig(lambda_init=0.0)
+
+
 def test_deep_ksvd_forward_is_patchwise_with_the_learned_mask() -> None:
     model = DeepKSVD(DeepKSVDConfig(patch_size=4, atoms=36, depth=3)).double()
     with torch.no_grad():
