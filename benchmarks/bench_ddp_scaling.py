@@ -75,6 +75,9 @@ def run_config(a: argparse.Namespace, out_dir: Path, name: str, extra: list[str]
         "trainer.resume=false", "wandb.mode=disabled", *a.overrides, *extra])
 
 
+# runs without Ray -> their training processes (ray1/ray2 take trainer.workers from the name)
+LOCAL_PROCESSES = {"plain": 1, "torch2": 2, "plain2": 2}
+
 # name, numerator run, denominator run, column (see the module docstring)
 RATIOS = (("ray_overhead", "ray1", "plain", "loop_s"), ("ddp_speedup", "ray2", "ray1", "samples_per_s"),
           ("torch_ddp_speedup", "torch2", "plain", "samples_per_s"),
@@ -227,7 +230,7 @@ def _measure(name: str, cfg: Any) -> dict[str, Any]:
         out = train(cfg)
     wall = time.perf_counter() - t0
     loop = float(out["seconds"])
-    row = {"run": name, "workers": 2 if name in ("torch2", "plain2") else cfg.trainer.workers if cfg.trainer.use_ray else 1, "steps": out["steps"],
+    row = {"run": name, "workers": LOCAL_PROCESSES.get(name) or cfg.trainer.workers, "steps": out["steps"],
            "samples": out["samples"], "loop_s": round(loop, 3), "wall_s": round(wall, 3),
            "fixed_s": round(wall - loop, 3), "samples_per_s": round(out["samples"] / loop, 2),
            "batch_per_worker": cfg.data.batch_size}
@@ -261,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 ray.init(address="local", num_cpus=a.cpus, log_to_driver=True)  # a new instance, never another one
                 ray_init_s = round(time.perf_counter() - t0, 2)
-            extra = [] if name in ("plain", "torch2", "plain2") else ["trainer.use_ray=true", f"trainer.workers={name[-1]}"]
+            extra = [] if name in LOCAL_PROCESSES else ["trainer.use_ray=true", f"trainer.workers={name[-1]}"]
             rows[name] = measure(name, run_config(a, Path(tmp), name, extra))
         cfg = to_plain(probe)
     if ray_init_s is not None:
