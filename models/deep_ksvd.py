@@ -36,6 +36,8 @@ Differences from the official code: images here are in [0, 1]; ``forward`` maps 
 [−1, 1] (y' = 2y − 1, x̂ = (x̂' + 1)/2), so σ=25 on [0, 1] is the official σ=25 on 0..255 and the clamp of
 Eq. (4) is the [0, 1] range. A negative λ_k/c means no shrinkage (θ⁺ = max(θ, 0), ``_ops.soft_threshold``)
 where the official ``sign(x)·max(|x| − θ, 0)`` would grow the codes. Grayscale only, as the paper.
+``lambda_init=λ₀`` (not in the paper) sets W₄ = 0, b₄ = λ₀, so the untrained model is fixed-λ ISTA on the DCT
+(λ₀ = 0.7: 27.7 dB on 4 Set12 images at σ=25, against 18.9 under the official init, which barely shrinks).
 """
 
 from __future__ import annotations
