@@ -20,6 +20,7 @@ Learned iteration (T unfoldings, all weights tied across t, step 1/L absorbed in
     r_t     = c − f⁻¹(H x_t + μ)                        (Eq. 1, residual in the mean domain)
     r_t     ← ELU_{α=peak}(r_t)                          (Eq. 1', Poisson only, ``residual_elu``)
     x_{t+1} = ReLU(x_t + W_e r_t − b)                    (Eq. 2, one-sided threshold per filter)
+            (``twosided=True``: soft threshold S_b, the prox of ⟨b, |x|⟩ with x signed; official RELUTwosided)
     η̂      = W_d x_T + μ,   x̂ = mean(η̂)                (Eq. 3; x̂ = exp(η̂)/peak, sigmoid(η̂) or η̂)
 
 DCEA-C (``dcea_c``) ties W_e = W_d = H; DCEA-UC (``dcea_uc``) learns H, W_e, W_d separately. The stride-s
@@ -31,10 +32,9 @@ everywhere. Here ``mu=None`` (default) sets μ per image and channel to the natu
 observed mean intensity, μ = log(peak·ȳ) / logit(ȳ) / ȳ (no parameter; the codes model the deviations
 from the mean); a number fixes μ (``mu=0`` is the official behaviour, the unsupervised test plants one).
 
-ELU. The official 2-D code applies ELU(α=peak) to the Poisson residual (``"nonlin": "ELU"``; it is not
-in the paper's equations). It bounds r ≥ −peak when exp(Hx + μ) overshoots early in training; it keeps the
-sign of r, so r = 0 stays the fixed point, but the iteration is no longer exact proximal gradient on the
-Poisson NLL. Kept by default (``residual_elu=True``); ``False`` gives the exact iteration.
+ELU. The official 2-D code applies ELU(α=peak) to the Poisson residual (``"nonlin": "ELU"``, not in the paper):
+it bounds r ≥ −peak when exp(Hx + μ) overshoots early in training and keeps r = 0 the fixed point, but is no
+longer exact proximal gradient on the NLL. Default ``residual_elu=True``; ``False`` is the exact iteration.
 
 Unsupervised (dictionary-learning) mode, loss nll(η̂, y) without a clean target: the NLL rewards fitting
 the noise, so a learned b drifts to 0, and the atoms' scale is free. Set ``learn_threshold=False,
@@ -93,6 +93,7 @@ class DCEAConfig:
     residual_elu: bool = True  # Poisson only: the official ELU(α=peak) on the residual
     learn_threshold: bool = True  # False: b is a fixed buffer (dictionary-learning mode, loss.kind=nll)
     normalize_atoms: bool = False  # True: every atom is kept at its initial norm 1/√L (ditto)
+    twosided: bool = False  # True: signed codes, x = S_b(v) (Gaussian data: ±atoms at no extra parameters)
     init_seed: int = 0
 
     def __post_init__(self) -> None:
@@ -203,7 +204,7 @@ class DCEA(nn.Module):
             if elu:
                 r = F.elu(r, alpha=cfg.peak)  # Eq. (1')
             v = conv_analysis(r, W_e, s, add=x)  # x_t + W_e r_t: (N, K, h, w)
-            x = F.relu(v - b)  # Eq. (2)
+            x = torch.sign(v) * F.relu(v.abs() - b) if cfg.twosided else F.relu(v - b)  # Eq. (2)
             codes = [*codes, x] if keep_all else [x]
         return codes
 

@@ -86,14 +86,19 @@ def reference_codes(cfg: DCEAConfig, H: torch.Tensor, b: torch.Tensor, cs: torch
         r = cs - mean[cfg.likelihood]
         if cfg.likelihood == "poisson" and cfg.residual_elu:
             r = torch.where(r > 0, r, cfg.peak * (torch.exp(r) - 1))
-        x = torch.clamp_min(x + F.conv2d(r, H, stride=cfg.stride) - b.view(1, -1, 1, 1), 0)
+        v = x + F.conv2d(r, H, stride=cfg.stride)
+        b4 = b.view(1, -1, 1, 1)
+        soft = torch.where(v > b4, v - b4, torch.where(v < -b4, v + b4, 0.0))  # S_b(v), written out
+        x = soft if cfg.twosided else torch.clamp_min(v - b4, 0)
         out.append(x)
     return out
 
 
-@pytest.mark.parametrize("kind,elu", [("gaussian", True), ("poisson", True), ("poisson", False), ("binomial", True)])
-def test_encoder_is_proximal_gradient_on_the_nll(kind: str, elu: bool) -> None:
-    cfg = small(kind, residual_elu=elu, depth=6, threshold_init=0.05)
+@pytest.mark.parametrize("kind,elu,twosided", [("gaussian", True, False), ("gaussian", True, True),
+                                               ("poisson", True, False), ("poisson", False, False),
+                                               ("binomial", True, False)])
+def test_encoder_is_proximal_gradient_on_the_nll(kind: str, elu: bool, twosided: bool) -> None:
+    cfg = small(kind, residual_elu=elu, depth=6, threshold_init=0.05, twosided=twosided)
     model = DCEA(cfg).double()
     y = torch.rand(2, 1, 23, 19, generator=torch.Generator().manual_seed(1), dtype=f64)
     cs, mus, _ = model._stack(y)
@@ -104,19 +109,21 @@ def test_encoder_is_proximal_gradient_on_the_nll(kind: str, elu: bool) -> None:
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
     assert 0 < float((got[-1] > 0).float().mean()) < 1  # the threshold is active, not trivially 0 / all
+    assert bool((got[-1] < 0).any()) == twosided  # signed codes only with the two-sided threshold
 
 
-def test_gaussian_objective_decreases_monotonically_at_init() -> None:
+@pytest.mark.parametrize("twosided", [False, True], ids=["x>=0", "signed"])
+def test_gaussian_objective_decreases_monotonically_at_init(twosided: bool) -> None:
     """Step 1/L is folded into H (‖H‖₂ = 1 for the Gaussian link), so every unfolding is a descent step of
-    F(x) = ½‖c − μ − Hx‖² + ⟨b, x⟩ on x ≥ 0 (ISTA's monotonicity with step 1/L)."""
-    cfg = small("gaussian", depth=40, threshold_init=0.02)
+    F(x) = ½‖c − μ − Hx‖² + ⟨b, |x|⟩ on x ≥ 0, or on signed x (ISTA's monotonicity with step 1/L)."""
+    cfg = small("gaussian", depth=40, threshold_init=0.02, twosided=twosided)
     model = DCEA(cfg).double()
     y = torch.rand(1, 1, 30, 30, generator=torch.Generator().manual_seed(2), dtype=f64)
     cs, mus, _ = model._stack(y)
     with torch.no_grad():
         codes = model.sparse_code(cs, mus)
         objective = [float(0.5 * ((cs - mus - F.conv_transpose2d(x, model.H, stride=cfg.stride)) ** 2).sum()
-                           + (model.threshold.view(1, -1, 1, 1) * x).sum()) for x in codes]
+                           + (model.threshold.view(1, -1, 1, 1) * x.abs()).sum()) for x in codes]
     assert all(b <= a + 1e-9 * abs(a) for a, b in zip(objective, objective[1:])), objective
     assert objective[-1] < 0.9 * objective[0]
 
