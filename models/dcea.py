@@ -69,6 +69,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparsefold.config import check
+from sparsefold.models import _ops
 from sparsefold.models import likelihoods as lk
 from sparsefold.models._ops import conv_analysis, conv_synthesis, power_method, shift_average, shift_stack
 
@@ -204,7 +205,7 @@ class DCEA(nn.Module):
             if elu:
                 r = F.elu(r, alpha=cfg.peak)  # Eq. (1')
             v = conv_analysis(r, W_e, s, add=x)  # x_t + W_e r_t: (N, K, h, w)
-            x = torch.sign(v) * F.relu(v.abs() - b) if cfg.twosided else F.relu(v - b)  # Eq. (2)
+            x = _ops.soft_threshold(v, b) if cfg.twosided else F.relu(v - b)  # Eq. (2)
             codes = [*codes, x] if keep_all else [x]
         return codes
 
