@@ -126,7 +126,9 @@ def main() -> int:
         ordered = {n: merged[n] for n in suite["models"] if n in merged}
         md = table({n: r for n, r in ordered.items() if r.get("scores")}, suite)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"suite": suite, "results": ordered, "table": md,
+        suite_file = args.suite.resolve()
+        suite_file = suite_file.relative_to(ROOT).as_posix() if suite_file.is_relative_to(ROOT) else str(suite_file)
+        args.out.write_text(json.dumps({"suite": suite, "suite_file": suite_file, "results": ordered, "table": md,
                                         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                         "loadavg_end": os.getloadavg()}, indent=1))
         return md

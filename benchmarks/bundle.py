@@ -34,6 +34,8 @@ def reference(r: dict, cfg: dict) -> str:
 def main(argv: list[str]) -> int:
     result_file, pairs = Path(argv[0]), [a.split("=", 1) for a in argv[1:]]
     data = json.loads(result_file.read_text())
+    # the suite file the results came from (recorded by bench_zoo.py; older result files: guessed from the name)
+    suite_file = data.get("suite_file", f"benchmarks/zoo/{result_file.stem.removeprefix('zoo_')}.yaml")
     for name, entry in pairs:
         r = data["results"][entry]
         src = Path(r["train"]["checkpoint"])
@@ -53,7 +55,7 @@ def main(argv: list[str]) -> int:
                                                 for t, s in r["scores"].items()))
         (dst / "TRAINING.md").write_text(f"""# Bundled model `{name}` — {cfg['model']['name']}, {cfg['run']['noise']['kind']} noise
 
-Trained by `benchmarks/bench_zoo.py benchmarks/zoo/{result_file.stem.removeprefix('zoo_')}.yaml` (entry `{entry}`): the CLI on
+Trained by `benchmarks/bench_zoo.py {suite_file}` (entry `{entry}`): the CLI on
 `../shared/data/bsd432` (gray) under a budget of {data['suite']['budget_cpu_seconds']} process CPU-seconds (one
 thread), {r['train']['steps']} steps of {cfg['run']['data']['batch_size']} patches {cfg['run']['data']['patch_size']}²,
 on a 2-core CPU machine ({data['date']}). It is a budget model, not a reproduction of the paper's training.
