@@ -23,7 +23,7 @@ from sparsefold.datasets.images import (
 )
 from sparsefold.datasets.noise import add_noise, gaussian_eval_noise, sample_sigma
 from sparsefold.datasets.patches import dihedral, random_crops, stable_seed
-from sparsefold.datasets.prepare import train_urls, val_files
+from sparsefold.datasets.prepare import skipped_while_sharding, train_urls, val_files
 from sparsefold.datasets.shards import (
     FSSPEC_SCHEMES,
     ensure_url_schemes,
@@ -59,6 +59,7 @@ __all__ = [
     "save_image",
     "split_builtin",
     "stable_seed",
+    "skipped_while_sharding",
     "train_urls",
     "val_files",
     "write_shards",

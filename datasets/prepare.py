@@ -6,7 +6,8 @@
 file names, sizes and modification times, so an edited folder gets fresh shards.  The builtin
 training photos (13) are written one image per shard, so up to 13 ranks × workers can read them.
 Several ranks may call these functions at once: shards are built in a temporary folder that is
-renamed into place.
+renamed into place.  Unreadable images of a folder are skipped while sharding and counted: listed in the
+shard folder's ``index.json`` and said on stderr each time the shards are used (the run goes on).
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from sparsefold.config import DataConfig
+from sparsefold.config import DataConfig, is_url
 from sparsefold.datasets.images import (
     builtin_skimage_dir,
     default_cache_dir,
@@ -26,9 +28,9 @@ from sparsefold.datasets.images import (
     resolve_image_dir,
     split_builtin,
 )
-from sparsefold.datasets.shards import expand_urls, write_shards
+from sparsefold.datasets.shards import expand_urls, read_index, write_shards
 
-__all__ = ["cache_root", "train_urls", "val_files"]
+__all__ = ["cache_root", "skipped_while_sharding", "train_urls", "val_files"]
 
 
 def cache_root(data: DataConfig) -> Path:
@@ -60,7 +62,26 @@ def _shards_once(files: list[Path], out: Path, shard_size: int, gray: bool) -> l
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    _report_skipped(out)
     return expand_urls(str(out), allow_pipe=False)
+
+
+def _report_skipped(out: Path) -> None:
+    """Say on stderr how many images of the folder were skipped while sharding (from its index.json)."""
+    index = read_index(out)
+    skipped = index.get("skipped", [])
+    if skipped:
+        total = index["total"] + len(skipped)
+        print(f"[sparsefold] data.train: {len(skipped)} of {total} images skipped as unreadable while sharding "
+              f"(first: {skipped[0]['reason']}); all are listed in {out / 'index.json'}", file=sys.stderr)
+
+
+def skipped_while_sharding(urls: list[str]) -> int:
+    """How many images were left out as unreadable when these shards were written: the ``skipped`` lists
+    of the local shard folders' index.json (0 for remote shards and folders without an index). The
+    trainer adds it to ``data/skipped``."""
+    folders = {Path(u).parent for u in urls if not is_url(u) and not u.startswith("pipe:")}
+    return sum(len(read_index(f).get("skipped", [])) for f in folders if (f / "index.json").is_file())
 
 
 def _is_image_folder(spec: str) -> bool:

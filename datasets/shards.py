@@ -6,7 +6,10 @@ The output folder also gets an ``index.json``::
 
     {"pattern": "train-{000000..000004}.tar", "shards": [...], "counts": [...], "total": N, "gray": true}
 
-which is written last, so a folder without it is an incomplete write.
+which is written last, so a folder without it is an incomplete write.  An image that cannot be read
+(corrupt, truncated, empty, a decompression bomb, an unsupported mode: see ``images.read_pixels``) is
+skipped, said on stderr, and listed in the index as ``"skipped": [{"source", "reason"}, ...]`` (the key
+is present only when something was skipped); the other images are written.
 
 :func:`expand_urls` accepts brace patterns, ``,``/``::`` separated lists, a local folder (its
 ``index.json``), ``file://``, fsspec cloud URLs (``s3://``, ``gs://``, ``gcs://``, ``az://``,
@@ -21,11 +24,16 @@ import io
 import json
 import os
 import re
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sparsefold.datasets.images import list_images
+import numpy as np
+
+from sparsefold.config import split_spec
+from sparsefold.datasets.images import list_images, read_pixels
+from sparsefold.errors import InputError
 
 __all__ = [
     "FSSPEC_SCHEMES",
@@ -46,21 +54,28 @@ def _sanitize_key(stem: str) -> str:
 
 
 def _png_record(path: Path, gray: bool) -> tuple[bytes, dict[str, Any]]:
-    """Lossless PNG bytes of the gray/RGB image at ``path`` and its metadata."""
+    """8-bit PNG bytes of the gray/RGB image at ``path`` (read like every image: ``read_pixels``; lossless
+    for 8-bit sources) and its metadata.  Raises InputError for an unreadable image."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        im = im.convert("L" if gray else "RGB")
-        buf = io.BytesIO()
-        im.save(buf, format="PNG")
-        meta = {"source": path.name, "height": im.height, "width": im.width, "mode": im.mode}
-    return buf.getvalue(), meta
+    arr = (read_pixels(path, gray) * 255).round().astype(np.uint8)
+    im = Image.fromarray(arr[:, :, 0] if gray else arr)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue(), {"source": path.name, "height": im.height, "width": im.width, "mode": im.mode}
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
+
+
+def _remove_shards(out: Path, prefix: str) -> None:
+    """Delete ``<prefix>-NNNNNN.tar`` files in ``out`` (stale shards of an earlier write)."""
+    for old in out.glob(f"{prefix}-*.tar"):
+        if re.fullmatch(rf"{re.escape(prefix)}-\d{{6}}\.tar", old.name):
+            old.unlink()
 
 
 def write_shards(
@@ -74,7 +89,8 @@ def write_shards(
 
     ``image_dir_or_files`` is an image folder (all its images, sorted) or a list of image files (kept
     in the given order).  Stale ``<prefix>-NNNNNN.tar`` files in ``out_dir`` are removed first.
-    Returns the absolute brace pattern of the written shards.
+    Unreadable images are skipped (one stderr line each, listed under ``skipped`` in index.json); when
+    none is readable, InputError.  Returns the absolute brace pattern of the written shards.
     """
     import webdataset as wds
 
@@ -90,23 +106,32 @@ def write_shards(
         raise ValueError(f"write_shards: prefix must be letters, digits, '_' or '-', got {prefix!r}")
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob(f"{prefix}-*.tar"):
-        if re.fullmatch(rf"{re.escape(prefix)}-\d{{6}}\.tar", old.name):
-            old.unlink()
+    _remove_shards(out, prefix)
 
     counts: list[int] = []
+    skipped: list[dict[str, str]] = []
     pattern = str(out).replace("%", "%%") + f"/{prefix}-%06d.tar"
     with wds.ShardWriter(pattern, maxcount=shard_size, maxsize=1e15, verbose=0) as sink:
         for i, path in enumerate(files):
-            png, meta = _png_record(path, gray)
+            try:
+                png, meta = _png_record(path, gray)
+            except InputError as e:
+                print(f"[sparsefold] skipped: {e}", file=sys.stderr)
+                skipped.append({"source": str(path), "reason": str(e)})
+                continue
             key = f"{_sanitize_key(path.stem)}-{i:06d}"
             sink.write({"__key__": key, "png": png, "json": json.dumps(meta).encode()})
             shard = sink.shard - 1  # index of the shard this sample went to
             counts.extend([0] * (shard + 1 - len(counts)))
             counts[shard] += 1
+    if not counts:
+        _remove_shards(out, prefix)  # the empty shard ShardWriter opened
+        raise InputError(f"none of the {len(files)} images is readable; first: {skipped[0]['reason']}")
     names = [f"{prefix}-{i:06d}.tar" for i in range(len(counts))]
     rel = f"{prefix}-{{{0:06d}..{len(names) - 1:06d}}}.tar"
     index = {"pattern": rel, "shards": names, "counts": counts, "total": sum(counts), "gray": bool(gray)}
+    if skipped:
+        index["skipped"] = skipped
     _write_json_atomic(out / "index.json", index)
     return str(out / rel)
 
@@ -118,23 +143,6 @@ def read_index(folder: str | Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot read shard index ({e})") from None
-
-
-def _split_spec(spec: str) -> list[str]:
-    """Split on ``::`` and on commas that are not inside ``{...}`` brace expressions."""
-    parts, depth, cur = [], 0, []
-    for part in spec.split("::"):
-        for ch in part:
-            depth += ch == "{"
-            depth -= ch == "}"
-            if ch == "," and depth == 0:
-                parts.append("".join(cur))
-                cur = []
-            else:
-                cur.append(ch)
-        parts.append("".join(cur))
-        cur, depth = [], 0
-    return [p.strip() for p in parts if p.strip()]
 
 
 def _local_shards(part: str, name: str) -> list[str]:
@@ -172,7 +180,7 @@ def expand_urls(spec: str | Iterable[str], allow_pipe: bool = False, name: str =
     """
     from braceexpand import braceexpand
 
-    parts = _split_spec(spec) if isinstance(spec, str) else [p for s in spec for p in _split_spec(s)]
+    parts = split_spec(spec) if isinstance(spec, str) else [p for s in spec for p in split_spec(s)]
     urls: list[str] = []
     for part in parts:
         if part.startswith("pipe:"):

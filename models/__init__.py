@@ -22,6 +22,9 @@ Optional (the trainer checks with ``hasattr``):
 * ``dictionary() -> (K, C, k, k)`` atoms for the W&B grid; ``code_sparsity(y) -> list[float]`` fraction of
   non-zero codes per unfolding.
 * config method ``check_noise(noise)``: raise ``ConfigError`` when the model cannot serve that noise.
+* ``tiling`` property -> ``_ops.Tiling(halo, align)``: exact receptive-field radius and grid period, for
+  tiled inference of large images (``trainers/tiling.py``; without it an image always runs whole). Models
+  that centre on the image mean take ``forward(y, sigma=None, mean=None)``: a tile gets the whole image's.
 """
 
 from __future__ import annotations

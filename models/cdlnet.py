@@ -56,6 +56,7 @@ from torch import Tensor, nn
 
 from sparsefold.config import check
 from sparsefold.models._ops import (
+    Tiling,
     conv_analysis,
     conv_synthesis,
     estimate_sigma,
@@ -153,6 +154,12 @@ class CDLNet(nn.Module):
             self.register_parameter("tau1", None)
         self.depth = K  # active layers (set_depth)
 
+    @property
+    def tiling(self) -> Tiling:
+        """2·depth 'same' convolutions (A, depth−1 × (B, A), D), each pair reaching P−1 pixels: halo
+        depth·(P−1). The image mean is global: tiles get the whole image's (``forward``'s ``mean``)."""
+        return Tiling(self.depth * (self.config.kernel_size - 1), self.config.stride)
+
     def _layer(self, k: int) -> int:
         return 0 if self.config.tied else k
 
@@ -188,10 +195,10 @@ class CDLNet(nn.Module):
             codes.append(z)
         return codes
 
-    def _prepare(self, y: Tensor) -> tuple[Tensor, Tensor, tuple[int, int, int, int]]:
-        """Subtract the image mean and reflect-pad to a multiple of s (official pre_process)."""
+    def _prepare(self, y: Tensor, mean: Tensor | None = None) -> tuple[Tensor, Tensor, tuple[int, int, int, int]]:
+        """Subtract the image mean (given, or y's) and reflect-pad to a multiple of s (official pre_process)."""
         s, (h, w) = self.config.stride, y.shape[-2:]
-        mean = y.mean(dim=(-2, -1), keepdim=True)  # (B, C, 1, 1)
+        mean = y.mean(dim=(-2, -1), keepdim=True) if mean is None else mean  # (B, C, 1, 1)
         dh, dw = -h % s, -w % s
         pads = (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2)  # (left, right, top, bottom)
         yp = F.pad(y - mean, pads, mode="reflect") if dh or dw else y - mean
@@ -201,9 +208,10 @@ class CDLNet(nn.Module):
         xp = synthesis(z, self.B[0], self.config.stride)  # Eq. (3): D z, (B, C, Hp, Wp)
         return xp[..., pads[2] : pads[2] + h, pads[0] : pads[0] + w] + mean
 
-    def forward(self, y: Tensor, sigma: Tensor | float | None = None) -> Tensor:
-        """y (B, C, H, W) noisy, σ (B,) 0..255 or None -> x̂ (B, C, H, W)."""
-        yp, mean, pads = self._prepare(y)
+    def forward(self, y: Tensor, sigma: Tensor | float | None = None, mean: Tensor | None = None) -> Tensor:
+        """y (B, C, H, W) noisy, σ (B,) 0..255 or None -> x̂ (B, C, H, W). ``mean`` (B, C, 1, 1): the mean
+        to centre on instead of y's (a tile of a larger image is given the whole image's)."""
+        yp, mean, pads = self._prepare(y, mean)
         z = self.sparse_code(yp, self.noise_level(y, sigma), keep_all=False)[-1]
         return self._decode(z, mean, pads, *y.shape[-2:])
 

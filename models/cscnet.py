@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from sparsefold.config import check
 from sparsefold.models._ops import (
+    Tiling,
     conv_analysis,
     conv_synthesis,
     estimate_sigma,
@@ -111,6 +112,12 @@ class CSCNet(nn.Module):
         if not 1 <= depth:
             raise ValueError(f"depth must be >= 1, got {depth}")
         self.active_depth = depth
+
+    @property
+    def tiling(self) -> Tiling:
+        """2T strided convolutions (B, T−1 × (A, B), C), each pair reaching k−1 pixels: halo T·(k−1);
+        shift-averaging adds nothing (every shift's output at a pixel comes from the same window)."""
+        return Tiling(self.active_depth * (self.config.kernel_size - 1), self.config.stride)
 
     def theta(self, sigma: Tensor | None, y: Tensor) -> Tensor:
         """Thresholds for the s²-shift batch of y: (1, K, 1, 1), or (B·s², K, 1, 1) when noise-adaptive."""

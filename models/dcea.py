@@ -71,7 +71,14 @@ from torch import Tensor, nn
 from sparsefold.config import check
 from sparsefold.models import _ops
 from sparsefold.models import likelihoods as lk
-from sparsefold.models._ops import conv_analysis, conv_synthesis, power_method, shift_average, shift_stack
+from sparsefold.models._ops import (
+    Tiling,
+    conv_analysis,
+    conv_synthesis,
+    power_method,
+    shift_average,
+    shift_stack,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -172,6 +179,12 @@ class DCEA(nn.Module):
     def decoder(self) -> Tensor:
         return self.synthesis if self.config.tied else self._atoms(self.W_d)
 
+    @property
+    def tiling(self) -> Tiling:
+        """2T strided convolutions (W_e, T−1 × (H, W_e), W_d), each pair reaching k−1 pixels: halo T·(k−1).
+        μ comes from the image mean, which is global: tiles get the whole image's (``forward``'s ``mean``)."""
+        return Tiling(self.depth * (self.config.kernel_size - 1), self.config.stride)
+
     def set_depth(self, depth: int) -> None:
         """Run ``depth`` unfoldings from now on (weights are tied across t: nothing to warm-start)."""
         if not 1 <= depth <= self.config.depth:
@@ -179,13 +192,14 @@ class DCEA(nn.Module):
         self.depth = depth
 
     # ------------------------------------------------------------------ the unfolded iteration
-    def offset(self, y: Tensor) -> Tensor:
-        """μ (B, C, 1, 1): fixed ``config.mu``, or the natural parameter of each image's mean intensity."""
+    def offset(self, y: Tensor, mean: Tensor | None = None) -> Tensor:
+        """μ (B, C, 1, 1): fixed ``config.mu``, or the natural parameter of each image's mean intensity
+        (``mean`` (B, C, 1, 1) when given, else y's)."""
         cfg = self.config
         if cfg.mu is not None:
             return y.new_full((y.shape[0], y.shape[1], 1, 1), cfg.mu)
-        return lk.natural_from_observation(cfg.likelihood, y.mean(dim=(2, 3), keepdim=True),
-                                           peak=cfg.peak, trials=cfg.trials)
+        mean = y.mean(dim=(2, 3), keepdim=True) if mean is None else mean
+        return lk.natural_from_observation(cfg.likelihood, mean, peak=cfg.peak, trials=cfg.trials)
 
     def sparse_code(self, cs: Tensor, mu: Tensor, depth: int | None = None,
                     keep_all: bool = True) -> list[Tensor]:
@@ -209,10 +223,10 @@ class DCEA(nn.Module):
             codes = [*codes, x] if keep_all else [x]
         return codes
 
-    def _stack(self, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _stack(self, y: Tensor, mean: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Counts of the s² shifted copies (B·s², C, Ph, Pw), their offsets (B·s², C, 1, 1), μ (B, C, 1, 1)."""
         cfg = self.config
-        mu = self.offset(y)
+        mu = self.offset(y, mean)
         c = lk.counts(cfg.likelihood, y, peak=cfg.peak, trials=cfg.trials)  # (B, C, H, W)
         cs = shift_stack(c, cfg.kernel_size, cfg.stride)
         return cs, mu.repeat_interleave(cfg.stride ** 2, dim=0), mu
@@ -223,16 +237,17 @@ class DCEA(nn.Module):
         z = conv_synthesis(x, self.decoder, cfg.stride, pad_hw)  # W_d x: (B·s², C, Ph, Pw)
         return shift_average(z, *hw, cfg.kernel_size, cfg.stride) + mu
 
-    def natural(self, y: Tensor, sigma: Tensor | None = None) -> Tensor:
+    def natural(self, y: Tensor, sigma: Tensor | None = None, mean: Tensor | None = None) -> Tensor:
         """y (B, C, H, W) normalized observation -> η̂ (B, C, H, W), natural parameter of the counts."""
-        cs, mus, mu = self._stack(y)
+        cs, mus, mu = self._stack(y, mean)
         x = self.sparse_code(cs, mus, keep_all=False)[-1]
         return self._decode(x, mu, y.shape[-2:], cs.shape[-2:])
 
-    def forward(self, y: Tensor, sigma: Tensor | None = None) -> Tensor:
-        """y (B, C, H, W) -> x̂ = mean(η̂) in image units; ``sigma`` is ignored (the likelihood is fixed)."""
+    def forward(self, y: Tensor, sigma: Tensor | None = None, mean: Tensor | None = None) -> Tensor:
+        """y (B, C, H, W) -> x̂ = mean(η̂) in image units; ``sigma`` is ignored (the likelihood is fixed).
+        ``mean`` (B, C, 1, 1): the image mean μ is taken from instead of y's (a tile gets the whole image's)."""
         cfg = self.config
-        return lk.mean(cfg.likelihood, self.natural(y), peak=cfg.peak, trials=cfg.trials)
+        return lk.mean(cfg.likelihood, self.natural(y, mean=mean), peak=cfg.peak, trials=cfg.trials)
 
     def reconstructions(self, y: Tensor, sigma: Tensor | None = None) -> list[Tensor]:
         """x̂ after each unfolding (decoded with W_d), last = ``forward``."""

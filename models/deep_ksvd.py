@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from sparsefold.config import check
-from sparsefold.models._ops import soft_threshold
+from sparsefold.models._ops import Tiling, soft_threshold
 from sparsefold.models._patches import aggregate_patches, extract_patches, overcomplete_dct
 
 HIDDEN = (128, 64, 32)  # the official MLP widths
@@ -101,6 +101,11 @@ class DeepKSVD(nn.Module):
             nn.init.constant_(layers[-1].bias, config.lambda_init)
         self.w = nn.Parameter(1 + 0.1 * torch.randn(m, generator=g))
         self.depth = config.depth  # active depth, see set_depth
+
+    @property
+    def tiling(self) -> Tiling:
+        """A pixel's estimate averages the patches covering it, each coded from its own pixels: halo p−1."""
+        return Tiling(self.config.patch_size - 1, 1)
 
     # ------------------------------------------------------------------ the unfolded iteration
     def sparse_code(self, P: Tensor, keep_all: bool = True) -> tuple[list[Tensor], Tensor]:

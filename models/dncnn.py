@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from sparsefold.config import check
+from sparsefold.models._ops import Tiling
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,6 +60,11 @@ class DnCNN(nn.Module):
                 nn.init.orthogonal_(m.weight, generator=g)  # as the official PyTorch port
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+
+    @property
+    def tiling(self) -> Tiling:
+        """``depth`` 3×3 convolutions: halo = depth."""
+        return Tiling(self.config.depth, 1)
 
     def forward(self, y: Tensor, sigma: Tensor | None = None) -> Tensor:
         """y (B, C, H, W) -> x̂ = y − f(y), (B, C, H, W). ``sigma`` is ignored (DnCNN-S is trained per σ)."""

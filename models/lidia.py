@@ -70,9 +70,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparsefold.config import check
-from sparsefold.models._ops import _pad, fold_average, patch_knn
+from sparsefold.models._ops import Tiling, _pad, fold_average, patch_knn
 
-_EVAL_CHUNK = 8192  # patches per chunk at eval (BN uses running statistics, so stages are patch-wise)
+_EVAL_CHUNK = 2048  # patches per chunk at eval (BN uses running statistics, so stages are patch-wise);
+# 8192 held ≈ 0.5 GB of stage buffers whatever the image size, as fast (trainers/tiling.py sizes tiles by it)
 _W_MIN = 1e-2  # guard of the division by w_{1,1} in Eq. 6
 _LUMA = (0.2989, 0.5870, 0.1140)  # the official rgb2gray of the colour model's search image
 
@@ -172,6 +173,14 @@ class LIDIA(nn.Module):
             self.a1, self.a2 = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(1))
         self.register_buffer("blur", torch.tensor([1.0, 2, 1]).outer(torch.tensor([1.0, 2, 1])) / 16, persistent=False)
 
+    @property
+    def tiling(self) -> Tiling:
+        """Halo r + (4r + 1) + (2·⌊window/2⌋ + 2r + 1), r = (p−1)/2, from the output back through scale 1:
+        Eq. 9's fold (r), 𝒜_1 (overlapping δ=2 patches and the blur: 4r + 1), Eq. 1 at δ=2 (window offsets,
+        the patch, ũ₁'s blur); scale 0 reaches less. m is global: tiles get the whole image's (``mean``)."""
+        r = (self.config.patch_size - 1) // 2
+        return Tiling(r + 4 * r + 1 + 2 * (self.config.window // 2) + 2 * r + 1, self.config.stride)
+
     # ------------------------------------------------------------------ grouping (Eqs. 1–3)
     def _blur(self, x: Tensor) -> Tensor:
         return F.conv2d(x, self.blur.expand(x.shape[1], 1, 3, 3), groups=x.shape[1])  # h ⊛ x, valid, per channel
@@ -208,13 +217,14 @@ class LIDIA(nn.Module):
         return torch.cat([fn(*(x[:, i:i + _EVAL_CHUNK] for x in xs)) for i in range(0, m, _EVAL_CHUNK)], -2)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, y: Tensor, sigma: Tensor | None = None) -> Tensor:
-        """y (B, C, H, W) in [0, 1] -> x̂ (B, C, H, W). ``sigma`` is ignored (see the module docstring)."""
+    def forward(self, y: Tensor, sigma: Tensor | None = None, mean: Tensor | None = None) -> Tensor:
+        """y (B, C, H, W) in [0, 1] -> x̂ (B, C, H, W). ``sigma`` is ignored (see the module docstring);
+        ``mean`` (B, C, 1, 1) replaces y's channel mean m (a tile of a larger image gets the whole image's)."""
         p, st = self.config.patch_size, self.config.stride
         q, r = p - 1, (p - 1) // 2
         b, _, h, w = y.shape
         eh, ew = -(h + q - 1) % st, -(w + q - 1) % st  # extra bottom/right pad: last reference = last patch
-        m = y.mean(dim=(-2, -1), keepdim=True)
+        m = y.mean(dim=(-2, -1), keepdim=True) if mean is None else mean
         u = 2 * (y - m)  # the paper's [−1, 1] scale, mean removed
         u0 = _pad(u, (q, q + ew, q, q + eh))  # ũ₀: (B, C, H+2q+eh, W+2q+ew)
         u1 = self._blur(_pad(u, (q + r + 1, q + r + 1 + ew, q + r + 1, q + r + 1 + eh)))  # ũ₁, 2r more

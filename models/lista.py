@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from sparsefold.config import check
-from sparsefold.models._ops import soft_threshold
+from sparsefold.models._ops import Tiling, soft_threshold
 from sparsefold.models._patches import aggregate_patches, extract_patches, overcomplete_dct
 
 
@@ -135,6 +135,11 @@ class LISTA(nn.Module):
         self.threshold = nn.Parameter(theta.contiguous())
         self.D = nn.Parameter(D0.clone())
         self.depth = T  # active depth, see set_depth
+
+    @property
+    def tiling(self) -> Tiling:
+        """A pixel's estimate averages the patches covering it, each coded from its own pixels: halo p−1."""
+        return Tiling(self.config.patch_size - 1, 1)
 
     def _layer(self, t: int) -> tuple[Tensor, Tensor | None, Tensor]:
         """(W_e,t, S_t, θ_t) of layer t = 0..T−1 (S_0 is None: z_0 = 0)."""

@@ -11,48 +11,114 @@
 
 Scriptable: human-readable progress goes to stderr; the last stdout line of ``train`` and ``evaluate``
 is one JSON object. CHECKPOINT is a checkpoint directory, a run directory (its latest checkpoint),
-or the name of a bundled model (``sparsefold models``). Exit code 2 on a bad config or argument.
+or the name of a bundled model (``sparsefold models``). Every failure is one stderr line; exit code 2 on
+bad input, 1 on a failed run (policy: :func:`main`); ``sparsefold --debug ...`` adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+import traceback
 from importlib import resources
 from pathlib import Path
+from typing import Any
+
+from sparsefold.config import (
+    ConfigError,
+    RunConfig,
+    check_data_paths,
+    check_output_dir,
+    config_dict,
+    run_config_from_dict,
+    sections_from_dict,
+)
+from sparsefold.errors import InputError, SparsefoldError
+from sparsefold.launch import add_parser as add_launch
+from sparsefold.launch import mask_secrets
 
 QUICKSTART = "quickstart.yaml"
 DEFAULT_MODEL = "cscnet"  # the bundled sigma=25 CSCNet (sparsefold/bundled/cscnet)
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float (inf, NaN: not JSON) replaced by None, recursively; tuples become
+    lists and anything else JSON cannot hold becomes its ``str``."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # a numpy / torch scalar
+        return json_safe(obj.item())
+    return str(obj)
+
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def memory_size(text: str) -> int:
+    """``--max-memory``: bytes, or a number with K, M, G or T (binary units; a trailing B or iB is optional):
+    ``512M``, ``1.5G``, ``2GiB``."""
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = t[-1:] if t[-1:] in _UNITS else ""
+    try:
+        value = float(t[: len(t) - len(unit)]) * _UNITS[unit]
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive size such as 512M or 2G, got {text!r}")
+    return int(value)
+
+
+MAX_MEMORY_HELP = ("memory for one forward pass, e.g. 512M or 2G (default: 1G, or half the available RAM if "
+                   "less); larger images are denoised in overlapping tiles, with the same result")
+
+
 def _print_json(obj: dict) -> None:
-    print(json.dumps(obj, default=str), flush=True)
+    """One line of strict JSON on stdout: a non-finite number is ``null``."""
+    print(json.dumps(json_safe(obj), allow_nan=False), flush=True)
 
 
 def cmd_shards(a: argparse.Namespace) -> int:
-    from sparsefold.datasets import list_images, write_shards
+    from sparsefold.datasets import list_images, read_index, write_shards
 
     files = list_images(a.image_dir)
     if not files:
         raise SystemExit(f"error: {a.image_dir}: no images found")
     pattern = write_shards(files, a.out_dir, shard_size=a.shard_size, gray=not a.rgb, prefix=a.prefix)
-    print(f"[sparsefold] wrote {len(files)} images into shards", file=sys.stderr)
+    skipped = len(read_index(a.out_dir).get("skipped", []))  # each was said on stderr while writing
+    print(f"[sparsefold] wrote {len(files) - skipped} images into shards"
+          + (f", skipped {skipped} unreadable (listed in index.json)" if skipped else ""), file=sys.stderr)
     print(pattern)
     return 0
 
 
-def load_run_config(config: str | None, overrides: list[str]):
-    from sparsefold.config import load_config
+def load_run_config(config: str | None, overrides: list[str], local: bool = False) -> RunConfig:
+    """The validated run config of ``sparsefold train [CONFIG] [overrides]`` (no file: the packaged quickstart).
 
+    With ``local`` (the run starts in this process), what needs neither torch nor data is checked first, in
+    milliseconds: every section but ``model``, that local data paths exist and that ``trainer.output_dir``
+    can be written; then the model section (which imports the model registry, hence torch)."""
     if config is None or "=" in config:  # no file: the packaged quickstart
         overrides = ([config] if config else []) + overrides
         config = str(resources.files("sparsefold") / "configs" / QUICKSTART)
-    return load_config(config, overrides)
+    d = config_dict(config, overrides)
+    if local:
+        sections = sections_from_dict(d)
+        check_data_paths(sections["data"])
+        check_output_dir(sections["trainer"])
+    return run_config_from_dict(d)
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    cfg = load_run_config(a.config, a.overrides)  # validated before any Ray resource is requested
+    cfg = load_run_config(a.config, a.overrides, local=True)  # before torch, Ray, W&B or any data is touched
     if cfg.trainer.use_ray:
         from sparsefold.trainers.ray_train import fit
 
@@ -88,13 +154,15 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from sparsefold.trainers.checkpoint import load_model
     from sparsefold.trainers.evaluate import evaluate_images
 
+    if a.images < 0:
+        raise InputError(f"--images: must be >= 0 (0: all), got {a.images}")
     model, meta = load_model(a.checkpoint)
     files = list_images(a.data_dir)[: a.images or None]
     if not files:
-        raise SystemExit(f"error: {a.data_dir}: no images found")
+        raise InputError(f"{a.data_dir}: no images found (png/jpg/bmp/tif); point DATA_DIR at an image folder")
     gray = meta["model"].get("channels", 1) == 1
     noise = noise_for(a, meta)
-    res = evaluate_images(model, files, noise, gray=gray, seed=a.seed, blind=a.blind)
+    res = evaluate_images(model, files, noise, gray=gray, seed=a.seed, blind=a.blind, max_memory=a.max_memory)
     out = {k: res[k] for k in ("psnr", "ssim", "images", "sec_per_image", "cpu_sec_per_image", "input_psnr")}
     out.update(params=count_parameters(model), model=meta["model"]["name"], checkpoint=meta["path"],
                noise=noise.kind, sigma=noise.sigma if noise.kind == "gaussian" else None,
@@ -107,22 +175,38 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def cmd_denoise(a: argparse.Namespace) -> int:
+    """Arguments and output names are checked before the model loads (see ``plan_outputs``); written
+    paths go to stdout. An unreadable INPUT file is one error line; in a folder job the unreadable
+    images are listed on stderr at the end, the others written, and the exit code is 2."""
+    from sparsefold.datasets.images import plan_outputs
+    from sparsefold.errors import InputError
     from sparsefold.trainers.checkpoint import load_model
     from sparsefold.trainers.evaluate import denoise_path
 
     if len(a.paths) not in (2, 3):
-        raise ValueError("denoise takes [CHECKPOINT] INPUT OUTPUT")
+        raise InputError("denoise takes [CHECKPOINT] INPUT OUTPUT")
+    if a.sigma is not None and not 0 <= a.sigma <= 255:  # NaN fails the comparison too
+        raise InputError(f"--sigma: must be in 0..255 (the noise std on the 8-bit scale), got {a.sigma:g}")
     checkpoint, src, dst = ([DEFAULT_MODEL] + a.paths)[-3:]
+    pairs = plan_outputs(src, dst, overwrite=a.overwrite)
     model, meta = load_model(checkpoint)
     adapt = None
     if a.adapt_steps > 0:
         from sparsefold.trainers.adapt import adapt_to_image
 
         adapt = lambda m, y: adapt_to_image(m, y, a.sigma, steps=a.adapt_steps, lr=a.adapt_lr)
-    written = denoise_path(model, Path(src), Path(dst), gray=meta["model"].get("channels", 1) == 1,
-                           sigma=a.sigma, adapt=adapt)
+    written, failed = denoise_path(model, pairs, gray=meta["model"].get("channels", 1) == 1,
+                                   sigma=a.sigma, adapt=adapt, max_memory=a.max_memory)
     for p in written:
         print(p)
+    if failed and Path(src).is_file():
+        raise InputError(failed[0][1])
+    for _, why in failed:
+        print(f"error: {why}", file=sys.stderr)
+    if failed:
+        print(f"error: {len(failed)} of {len(pairs)} images failed (listed above); the other {len(written)} "
+              "were written", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -194,6 +278,8 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparsefold", description=__doc__.split("\n\n")[0])
+    p.add_argument("--debug", action="store_true",
+                   help="print the traceback of an error too (also: SPARSEFOLD_DEBUG=1)")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("shards", help="write WebDataset shards from an image folder")
     s.add_argument("image_dir", type=Path)
@@ -214,16 +300,24 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--peak", type=float, help="Poisson peak (default: the checkpoint's)")
     s.add_argument("--trials", type=int, help="Binomial trials (default: the checkpoint's)")
     s.add_argument("--blind", action="store_true", help="do not tell the model σ (noise-adaptive models estimate it)")
-    s.add_argument("--images", type=int, default=0, help="first N sorted images (0: all)")
+    s.add_argument("--images", type=int, default=0, help="first N >= 0 sorted images (0: all)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--per-image", action="store_true")
+    s.add_argument("--max-memory", type=memory_size, help=MAX_MEMORY_HELP)
     s.set_defaults(fn=cmd_evaluate)
-    s = sub.add_parser("denoise", help="denoise an image or a folder (default model: the bundled cscnet)")
+    s = sub.add_parser("denoise", help="denoise an image or a folder (default model: the bundled cscnet)",
+                       description="Never writes over an input; refuses an existing output unless --overwrite and "
+                       "two inputs with one output name (x.png, x.jpg, X.PNG -> x.png: rename one); writes each "
+                       "output atomically as 8-bit (PNG unless OUTPUT names another format). Transparency is "
+                       "composited on white; 16-bit images are scaled by 65535. Unreadable images of a folder are "
+                       "listed at the end (exit 2), the others written.")
     s.add_argument("paths", nargs="+", metavar="[CHECKPOINT] INPUT OUTPUT")
+    s.add_argument("--overwrite", action="store_true", help="replace existing output files (never an input)")
     s.add_argument("--sigma", type=float, help="known noise σ (0..255); default: estimated from each image")
     s.add_argument("--adapt-steps", type=int, default=0,
                    help="test-time adaptation: fine-tune on each noisy image for N steps first (LIDIA)")
     s.add_argument("--adapt-lr", type=float, default=1e-4)
+    s.add_argument("--max-memory", type=memory_size, help=MAX_MEMORY_HELP)
     s.set_defaults(fn=cmd_denoise)
     s = sub.add_parser("models", help="list architectures and bundled models")
     s.add_argument("--json", action="store_true")
@@ -245,25 +339,68 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, help="output folder (default: SWEEP_DIR/report)")
     s.add_argument("--wandb-mode", choices=("auto", "online", "offline", "disabled"), help="default: the sweep's")
     s.set_defaults(fn=cmd_report)
-    from sparsefold.launch import add_parser as add_launch
-
     add_launch(sub)  # sparsefold/launch.py
     return p
 
 
+TENSOR_COMMANDS = ("evaluate", "denoise", "models", "report")  # train: the loop sets the allocator (runtime_for)
+OOM_HINTS = {"train": "lower data.batch_size or data.patch_size",
+             "evaluate": "lower --max-memory or use smaller images", "denoise": "lower --max-memory"}
+PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Python's MemoryError, torch's (CUDA) OutOfMemoryError, or torch's CPU allocator failing (a RuntimeError)."""
+    torch = sys.modules.get("torch")  # never imported just to classify an error
+    oom = getattr(torch, "OutOfMemoryError", MemoryError) if torch is not None else MemoryError
+    return isinstance(e, (MemoryError, oom)) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
+def error_line(e: Exception, command: str) -> tuple[int, str]:
+    """The exit code and the ONE stderr line for an exception that ended ``command`` (policy: :func:`main`)."""
+    msg = _first_line(e)
+    if isinstance(e, ConfigError):
+        return e.exit_code, f"config error: {msg}"
+    if isinstance(e, SparsefoldError):
+        return e.exit_code, f"error: {msg}"
+    if _out_of_memory(e):
+        return 1, f"error: out of memory ({msg}); {OOM_HINTS.get(command, 'use smaller inputs')}"
+    if isinstance(e, (*PATH_ERRORS, ValueError)):
+        return 2, f"error: {msg}"
+    if isinstance(e, OSError):  # an I/O failure of a started command (disk full, network file system)
+        return 1, f"error: {msg}"
+    return 1, f"internal error: {type(e).__name__}: {msg} (a bug: run with --debug for the traceback and report it)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    from sparsefold.config import ConfigError
+    """Run one command; every failure ends in ONE line on stderr and an exit code (the traceback too only
+    with ``--debug`` or ``SPARSEFOLD_DEBUG=1``):
 
+    * 2: bad input (``InputError`` and ``ConfigError``, and a missing/existing/unreadable path or a bad
+      value: FileNotFoundError, PermissionError, ValueError, ...);
+    * 1: a command that started and failed: ``RunError`` (diverged, disk full), out of memory (with what to
+      lower), another OSError; and an unexpected exception, which is a bug: ``internal error: ...``;
+    * 130: interrupted (Ctrl-C).
+    """
     a = parser().parse_args(argv)
-    from sparsefold.runtime import configure_cpu_allocator
-
-    configure_cpu_allocator()  # process-wide; before the first large tensor exists
+    debug = a.debug or os.environ.get("SPARSEFOLD_DEBUG", "") not in ("", "0")
     try:
+        if a.cmd in TENSOR_COMMANDS:  # runtime imports torch: train validates its config first
+            from sparsefold.runtime import configure_cpu_allocator
+
+            configure_cpu_allocator()  # process-wide; before the first large tensor exists
         return a.fn(a)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001  (every failure becomes one line; the policy is error_line's)
+        if debug:
+            traceback.print_exc()
+        code, line = error_line(e, a.cmd)
+        print(mask_secrets(line), file=sys.stderr, flush=True)
+        return code

@@ -12,6 +12,8 @@ frozen config dataclass (see :data:`sparsefold.models.MODELS`).
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import re
 import types
 import typing
@@ -21,9 +23,12 @@ from typing import Any
 
 import yaml
 
+from sparsefold.errors import InputError
 
-class ConfigError(ValueError):
-    """A bad configuration value. ``str(err)`` is one line that names the field."""
+
+class ConfigError(InputError):
+    """A bad configuration value (exit 2). ``str(err)`` is one line that names the field; the CLI prints
+    it as ``config error: <field>: ...``."""
 
 
 def check(ok: bool, name: str, msg: str) -> None:
@@ -35,6 +40,25 @@ def check(ok: bool, name: str, msg: str) -> None:
 def is_url(path: str) -> bool:
     """``scheme://...`` (s3://, gs://, file://, ...), as opposed to a filesystem path."""
     return re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", str(path)) is not None
+
+
+def split_spec(spec: str) -> list[str]:
+    """The parts of a shard list (``data.train``): split on ``::`` and on commas outside ``{...}`` brace
+    expressions. The one parser of that syntax (datasets/shards.py expands the parts, runtime.py makes
+    them absolute)."""
+    parts, depth, cur = [], 0, []
+    for part in spec.split("::"):
+        for ch in part:
+            depth += ch == "{"
+            depth -= ch == "}"
+            if ch == "," and depth == 0:
+                parts.append("".join(cur))
+                cur = []
+            else:
+                cur.append(ch)
+        parts.append("".join(cur))
+        cur, depth = [], 0
+    return [p.strip() for p in parts if p.strip()]
 
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # trainer.precision; mapping in sparsefold/runtime.py
@@ -330,14 +354,17 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
                 pass
         raise ConfigError(f"{name}: expected an integer, got {value!r}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+        number = None
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
-                return float(value)
-            except ValueError:
+                number = float(value)
+            except (ValueError, OverflowError):
                 pass
-        raise ConfigError(f"{name}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # inf/nan pass every `>= 0` check below and train on garbage
+            raise ConfigError(f"{name}: must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -351,7 +378,7 @@ def dataclass_from_dict(cls: type, d: dict[str, Any], prefix: str) -> Any:
         raise ConfigError(f"{prefix}: expected a mapping, got {d!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(d) - names)
+    unknown = sorted(set(d) - names, key=str)
     if unknown:
         raise ConfigError(f"{prefix}.{unknown[0]}: unknown key (valid: {', '.join(sorted(names))})")
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}") for k, v in d.items()}
@@ -361,22 +388,29 @@ def dataclass_from_dict(cls: type, d: dict[str, Any], prefix: str) -> Any:
         raise ConfigError(f"{prefix}.{e}") from None
 
 
-def run_config_from_dict(d: dict[str, Any]) -> RunConfig:
-    from sparsefold.models import MODELS  # late: models import torch
-
-    d = dict(d or {})
-    unknown = sorted(set(d) - set(SECTIONS) - {"model"})
+def sections_from_dict(d: dict[str, Any]) -> dict[str, Any]:
+    """The sections other than ``model``, validated: {section: dataclass}. Imports no torch, so a bad
+    key or value there fails in milliseconds (the model section needs the model registry)."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"config: expected a mapping of sections, got {d!r}")
+    unknown = sorted(set(d) - set(SECTIONS) - {"model"}, key=str)
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown section (valid: model, {', '.join(SECTIONS)})")
-    model = dict(d.get("model") or {})
+    return {key: dataclass_from_dict(cls, d.get(key) or {}, key) for key, cls in SECTIONS.items()}
+
+
+def run_config_from_dict(d: dict[str, Any]) -> RunConfig:
+    sections = sections_from_dict(dict(d or {}))
+    from sparsefold.models import MODELS  # late: models import torch
+
+    model = d.get("model") or {}
+    if not isinstance(model, dict):
+        raise ConfigError(f"model: expected a mapping, got {model!r}")
     name = model.get("name", "cscnet")
-    if name not in MODELS:
+    if not isinstance(name, str) or name not in MODELS:
         raise ConfigError(f"model.name: unknown model {name!r} (registered: {', '.join(sorted(MODELS))})")
-    model["name"] = name
-    kwargs = {"model": dataclass_from_dict(MODELS[name].config, model, "model")}
-    for key, cls in SECTIONS.items():
-        kwargs[key] = dataclass_from_dict(cls, d.get(key) or {}, key)
-    return RunConfig(**kwargs)
+    model = {**model, "name": name}
+    return RunConfig(model=dataclass_from_dict(MODELS[name].config, model, "model"), **sections)
 
 
 def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -384,13 +418,13 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (d or {}).items()}
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"{item}: overrides look like section.key=value")
+            raise ConfigError(f"{item!r}: overrides look like section.key=value")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
         if len(parts) != 2 or not all(parts):
-            raise ConfigError(f"{key}: overrides look like section.key=value")
+            raise ConfigError(f"{key!r}: overrides look like section.key=value")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = parse_yaml(raw, f"the value of {key}") if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         section = d.setdefault(parts[0], {})
@@ -402,14 +436,113 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     return d
 
 
+def _refuse_duplicates(node: yaml.Node, path: str, source: str, done: set[int]) -> None:
+    """ConfigError naming the first key given twice in one mapping (PyYAML would keep the last silently).
+    ``done``: ids of the nodes already checked (an alias can make the node graph cyclic)."""
+    if id(node) in done:
+        return
+    done.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicates(item, path, source, done)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: set[str] = set()
+    for key, value in node.value:
+        name = f"{path}.{key.value}" if path else str(key.value)
+        if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+            if key.value in seen:
+                raise ConfigError(f"{name}: given twice in {source} (line {key.start_mark.line + 1}); keep one")
+            seen.add(key.value)
+        _refuse_duplicates(value, name, source, done)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` (plain data only: ``!!python/...`` tags are refused) that also refuses a key given
+    twice in one mapping. ``source`` (a file name) goes into the error."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicates(node, "", source, set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping a YAML config file holds; any problem is one ConfigError line naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config: no such file {str(p)!r}")
+    try:
+        d = parse_yaml(p.read_text(encoding="utf-8"), str(p))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config: {p}: cannot read it as UTF-8 text ({getattr(e, 'strerror', None) or e})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        hint = "; only plain YAML values are allowed (no !! tags)" if isinstance(e, yaml.constructor.ConstructorError) else ""
+        raise ConfigError(f"config: {p}{where}: {what}{hint}") from None
+    if not isinstance(d or {}, dict):
+        raise ConfigError(f"config: {p} must hold a mapping")
+    return d or {}
+
+
+def config_dict(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """YAML file (optional) + dotted overrides -> the raw nested dict (not validated yet)."""
+    return apply_overrides(read_config_file(path) if path else {}, overrides or [])
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """YAML file (optional) + dotted overrides -> validated :class:`RunConfig`."""
-    d: dict[str, Any] = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config: no such file {str(p)!r}")
-        d = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(d, dict):
-            raise ConfigError(f"config: {p} must hold a mapping")
-    return run_config_from_dict(apply_overrides(d, overrides or []))
+    return run_config_from_dict(config_dict(path, overrides))
+
+
+# ------------------------------------------------------------------------------------------------
+# Preflight: what a local run can check before it imports torch or reads any data (milliseconds).
+
+
+def _plain_local(spec: str) -> Path | None:
+    """The path of a data spec that names ONE local file or folder (no pattern, list, URL or builtin)."""
+    spec = spec[len("file://"):] if spec.startswith("file://") else spec
+    if spec.startswith(("builtin:", "pipe:")) or is_url(spec) or any(c in spec for c in "{},*?[|") or "::" in spec:
+        return None
+    return Path(spec).expanduser()
+
+
+def check_data_paths(data: DataConfig) -> None:
+    """Refuse a ``data.train`` / ``data.val`` that names a local path that does not exist. Patterns,
+    URLs and fallbacks (``a|b``: only when every option is missing) are left to the data layer."""
+    for key in ("train", "val"):
+        spec = getattr(data, key)
+        options = [_plain_local(o.strip()) for o in spec.split("|")] if key == "val" else [_plain_local(spec)]
+        try:
+            missing = all(p is not None and not p.exists() for p in options)
+        except (OSError, ValueError):  # a name too long, a NUL byte
+            missing = True
+        if missing and key == "train":  # the data layer's wording (datasets/shards.py), said before it loads
+            raise ConfigError(f"data.train: shard not found: {spec} (no such file or folder); give shards, a shard "
+                              "folder, an image folder or builtin:skimage")
+        if missing:
+            raise ConfigError(f"data.val: {spec}: no such image folder; pass an existing folder of images or "
+                              "builtin:skimage")
+
+
+def check_output_dir(trainer: TrainerConfig) -> None:
+    """Refuse a local ``trainer.output_dir`` that cannot be created or written (its nearest existing
+    ancestor must be a writable folder). Nothing is created; URLs are left to Ray's storage."""
+    out = trainer.output_dir
+    if is_url(out):
+        return
+    try:
+        p = Path(out).expanduser().absolute()
+        while not p.exists() and p != p.parent:
+            p = p.parent
+        why = "is not a folder" if not p.is_dir() else "" if os.access(p, os.W_OK | os.X_OK) else "is not writable"
+    except (OSError, ValueError) as e:  # a name too long, a NUL byte
+        p, why = out, f"is not a usable path ({e})"
+    if why:
+        raise ConfigError(f"trainer.output_dir: cannot write {out!r}: {p} {why}; choose a folder you can write to")

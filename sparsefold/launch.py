@@ -7,11 +7,15 @@ The job's entrypoint is the same command as on a laptop, ``python -m sparsefold 
 and submits nothing). Submission goes through ``ray.job_submission.JobSubmissionClient``; the job id is
 printed on stdout, and ``--follow`` streams the job's logs to stdout and returns its exit status.
 
-What the job's runtime_env ships (``working_dir``, a staging copy made per submission):
+What the job's runtime_env ships (``working_dir``, a staging copy made per submission) is an ALLOWLIST,
+never the whole checkout (which may hold ``.env``, ``.netrc``, ``.aws/credentials``, ``id_rsa``, runs, W&B
+files):
 
-* the project checkout sparsefold is installed from (when it is one), minus outputs, environments and
-  caches (:data:`EXCLUDE`), so every relative path of a config or spec (``cluster/cscnet.yaml``) resolves
-  in the job exactly as it does here;
+* from the project checkout sparsefold is installed from (when it is one): :data:`ROOT_FILES` and the
+  config folders :data:`CONFIG_DIRS`, so a config named by its relative path (``cluster/cscnet.yaml``)
+  resolves in the job exactly as it does here;
+* in every copied folder only files with a suffix in :data:`SHIP_SUFFIXES` whose path has no dotfile, no
+  secret-looking name (:data:`SECRET_FILE`), no symlink and no output/cache folder (:data:`NEVER_DIRS`);
 * the import package ``sparsefold/`` assembled from where Python imports it *now*: ``sparsefold/`` plus
   the top-level folders that pyproject's ``package-dir`` maps into it (``models/`` →
   ``sparsefold/models/``, ...). The checkout's own folders are left out: Ray puts ``working_dir`` first on
@@ -19,7 +23,12 @@ What the job's runtime_env ships (``working_dir``, a staging copy made per submi
   ``sweeps/`` would shadow Hugging Face's ``datasets`` and W&B's ``sweeps``, and the bare ``sparsefold/``
   would hide its mapped subpackages. So the job (driver, Train controller and workers) imports exactly the
   local code, editable install or not, and a copy installed on the cluster is ignored;
-* a CONFIG/SPEC outside the checkout is copied to ``launch/<name>``.
+* the CONFIG/SPEC named on the command line: at its relative path when inside the checkout, else as
+  ``launch/<name>``.
+
+Everything this command prints or logs (the ``--dry-run`` plan, the submitted entrypoint, errors, the
+followed logs) goes through :func:`mask_secrets`: the value of any name containing KEY, TOKEN, SECRET,
+PASSWORD or CREDENTIAL reads ``***`` (the job itself receives the real values).
 
 Not shipped: dependencies. The nodes need torch, ray[default,train,tune]==2.60.0 and the project's other
 requirements (cluster/aws.yaml and gcp.yaml install them; add ``pip:`` through ``--runtime-env FILE``
@@ -32,9 +41,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import fnmatch
 import json
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -46,8 +55,16 @@ from typing import Any
 from sparsefold.config import ConfigError, is_url
 
 SUBPACKAGES = ("models", "datasets", "trainers", "sweeps")  # = pyproject's packages (tests/test_launch.py)
-EXCLUDE = (".git", ".venv", "venv", "runs", "wandb", "build", "dist", "*.egg-info", "__pycache__", "*.pyc",
-           ".pytest_cache", ".ruff_cache", ".mypy_cache", ".ipynb_checkpoints", "*.tar")
+ROOT_FILES = ("pyproject.toml", "README.md")  # from the checkout's top level
+CONFIG_DIRS = ("cluster",)  # checkout folders of configs that commands name by relative path
+SHIP_SUFFIXES = (".py", ".yaml", ".yml", ".json", ".md", ".safetensors")  # code, configs, bundled models
+NEVER_DIRS = {"runs", "wandb", "build", "dist", "venv", "__pycache__"}  # outputs, environments, caches
+SECRET_FILE = re.compile(r"^\.|^id_(rsa|dsa|ecdsa|ed25519)|\.(pem|key|p12|pfx|crt)$|credential|secret|token|passw|netrc",
+                         re.IGNORECASE)  # never shipped, whatever their suffix (dotfiles: .env, .aws/, .git/)
+SECRET_NAME = re.compile(  # names whose values are masked in output: WANDB_API_KEY, apikey, HF_TOKEN (not KeyError)
+    r"(?:KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)S?(?![a-z])", re.IGNORECASE)
+SECRET_ASSIGNMENT = re.compile(  # NAME=value, NAME: value, "NAME": "value" in text (the value may be quoted)
+    r"\b([\w.-]*(?:" + SECRET_NAME.pattern + r")[\w.-]*)([\"']?\s*[=:]\s*)(\"[^\"]*\"|'[^']*'|[^\s,;]+)", re.IGNORECASE)
 JOB_ENV = {  # defaults of the job's env_vars (reach driver, Train controller and workers)
     "PYTHONUNBUFFERED": "1",  # logs stream while the job runs
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",  # ~2 s per report otherwise (notes §1.3)
@@ -73,47 +90,82 @@ def project_root() -> Path | None:
     return root if py.is_file() and 'name = "sparsefold"' in py.read_text() else None
 
 
-def _ignore(root: Path, skip: set[Path]):
-    def ignore(folder: str, names: list[str]) -> set[str]:
-        return {n for n in names if any(fnmatch.fnmatch(n, p) for p in EXCLUDE) or Path(folder, n).resolve() in skip}
-    return ignore
+def shippable(rel: Path) -> bool:
+    """Whether a file at ``rel`` (relative to a copied folder) goes into the job (module docstring)."""
+    return rel.suffix in SHIP_SUFFIXES and not any(
+        SECRET_FILE.search(part) or part in NEVER_DIRS or part.endswith(".egg-info") for part in rel.parts)
 
 
-def _copy(src: str, dst: str) -> None:
-    try:
-        shutil.copy2(src, dst)
-    except FileNotFoundError:  # removed while copying (another process's temp file)
-        pass
+def _copy_allowed(src: Path, dst: Path) -> None:
+    """Copy the :func:`shippable` regular files under ``src`` (never through a symlink) to ``dst``."""
+    for folder, dirs, names in os.walk(src):  # os.walk does not descend into symlinked folders
+        dirs[:] = [d for d in dirs if not Path(folder, d).is_symlink()]
+        for name in names:
+            f = Path(folder, name)
+            rel = f.relative_to(src)
+            if f.is_symlink() or not shippable(rel):
+                continue
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                shutil.copy2(f, dst / rel)
+            except FileNotFoundError:  # removed while copying (another process's temp file)
+                pass
 
 
 def stage(dest: Path, files: list[Path] = ()) -> dict[Path, str]:
-    """Fill ``dest`` with the job's working_dir (module docstring); returns {file given: its path in dest}."""
+    """Fill ``dest`` with the job's working_dir (an allowlist: module docstring); returns {file given: its
+    path in dest}."""
     pkgs, root = package_dirs(), project_root()
     if root is not None:
-        skip = {p for p in pkgs.values() if p.parent == root}
-        shutil.copytree(root, dest, ignore=_ignore(root, skip), copy_function=_copy, dirs_exist_ok=True,
-                        ignore_dangling_symlinks=True)
+        for name in ROOT_FILES:
+            if (root / name).is_file():
+                shutil.copy2(root / name, dest / name)
+        for name in CONFIG_DIRS:
+            if (root / name).is_dir() and not (root / name).is_symlink():
+                _copy_allowed(root / name, dest / name)
     top = dest / "sparsefold"
     shutil.rmtree(top, ignore_errors=True)
-    shutil.copytree(pkgs["sparsefold"], top, ignore=_ignore(pkgs["sparsefold"], set()), copy_function=_copy)
+    _copy_allowed(pkgs["sparsefold"], top)
     for name, src in pkgs.items():
         if name != "sparsefold" and not src.is_relative_to(pkgs["sparsefold"]):  # mapped from elsewhere
-            shutil.copytree(src, top / name.split(".", 1)[1], ignore=_ignore(src, set()), copy_function=_copy,
-                            dirs_exist_ok=True)
+            _copy_allowed(src, top / name.split(".", 1)[1])
     where = {}
-    for f in files:
+    for f in files:  # named on the command line: shipped whatever the allowlist says
         f = Path(f).resolve()
-        if root is not None and f.is_relative_to(root) and (dest / f.relative_to(root)).is_file():
-            where[f] = f.relative_to(root).as_posix()
-        else:
-            (dest / "launch").mkdir(exist_ok=True)
-            shutil.copy2(f, dest / "launch" / f.name)
-            where[f] = f"launch/{f.name}"
+        rel = f.relative_to(root).as_posix() if root is not None and f.is_relative_to(root) else f"launch/{f.name}"
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, dest / rel)
+        where[f] = rel
     return where
 
 
+def _masked_assignment(m: re.Match) -> str:
+    quote = m[3][0] if m[3][0] in "\"'" else ""  # keep a quoted value quoted (JSON stays JSON)
+    return f"{m[1]}{m[2]}{quote}***{quote}"
+
+
+def mask_secrets(obj: Any) -> Any:
+    """``obj`` with secret-looking values replaced by ``***``, for anything printed or logged: in a mapping,
+    the value of a key matching :data:`SECRET_NAME`; in text, ``NAME=value`` / ``NAME: value`` with such a
+    NAME and the password of a URL (``https://user:***@host``). Lists and mappings are masked recursively."""
+    if isinstance(obj, dict):
+        return {k: "***" if SECRET_NAME.search(str(k)) and v not in (None, "") else mask_secrets(v)
+                for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [mask_secrets(v) for v in obj]
+    if not isinstance(obj, str):
+        return obj
+    text = SECRET_ASSIGNMENT.sub(_masked_assignment, obj)
+    return re.sub(r"(://[^/\s:@]+):[^/\s@]+@", r"\1:***@", text)
+
+
+def _say(msg: str, out: Any = None) -> None:
+    """Print one line (to stderr unless ``out``) through :func:`mask_secrets`: how this module prints."""
+    print(mask_secrets(msg), file=out or sys.stderr, flush=True)
+
+
 def _warn(msg: str) -> None:
-    print(f"[sparsefold] warning: {msg}", file=sys.stderr)
+    _say(f"[sparsefold] warning: {msg}")
 
 
 def _only_relative(spec: str) -> list[str]:
@@ -204,7 +256,7 @@ def follow(client: Any, job_id: str) -> int:
 
     async def tail() -> None:
         async for chunk in client.tail_job_logs(job_id):
-            sys.stdout.write(chunk)
+            sys.stdout.write(mask_secrets(chunk))
             sys.stdout.flush()
 
     try:
@@ -215,8 +267,7 @@ def follow(client: Any, job_id: str) -> int:
     while not (status := client.get_job_status(job_id)).is_terminal():
         time.sleep(0.5)
     info = client.get_job_info(job_id)
-    print(f"[sparsefold] job {job_id}: {status.value}" + (f" ({info.message})" if info.message else ""),
-          file=sys.stderr)
+    _say(f"[sparsefold] job {job_id}: {status.value}" + (f" ({info.message})" if info.message else ""))
     if status.value == "SUCCEEDED":
         return 0
     return info.driver_exit_code if info.driver_exit_code else 1
@@ -242,7 +293,8 @@ def main(a: argparse.Namespace) -> int:
         env = runtime_env(Path(tmp), a.env, a.runtime_env)
         if a.dry_run:
             files = sum(1 for p in Path(tmp).rglob("*") if p.is_file())
-            print(json.dumps({"entrypoint": entrypoint, "runtime_env": {**env, "working_dir": f"<{files} files>"}}))
+            plan = {"entrypoint": entrypoint, "runtime_env": {**env, "working_dir": f"<{files} files>"}}
+            _say(json.dumps(mask_secrets(plan)), sys.stdout)
             return 0
         enable_token_auth()
         from ray.job_submission import JobSubmissionClient
@@ -252,19 +304,17 @@ def main(a: argparse.Namespace) -> int:
             job_id = client.submit_job(entrypoint=entrypoint, runtime_env=env,
                                        metadata={"sparsefold": command, "config": str(target or "")})
         except Exception as e:  # noqa: BLE001  (connection, auth, HTTP errors: one line, exit 1)
-            print(f"error: Ray Jobs API at {address}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
-                  file=sys.stderr)
+            _say(f"error: Ray Jobs API at {address}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
             return 1
     print(job_id, flush=True)
-    print(f"[sparsefold] submitted {job_id} to {address}: {entrypoint}", file=sys.stderr)
+    _say(f"[sparsefold] submitted {job_id} to {address}: {entrypoint}")
     if not a.follow:
-        print(f"[sparsefold] logs: ray job logs --follow --address {address} {job_id}", file=sys.stderr)
+        _say(f"[sparsefold] logs: ray job logs --follow --address {address} {job_id}")
         return 0
     try:
         return follow(client, job_id)
     except KeyboardInterrupt:
-        print(f"\n[sparsefold] stopped following; the job keeps running (ray job stop --address {address} {job_id})",
-              file=sys.stderr)
+        _say(f"\n[sparsefold] stopped following; the job keeps running (ray job stop --address {address} {job_id})")
         return 130
 
 

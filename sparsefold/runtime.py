@@ -28,13 +28,13 @@ import contextlib
 import ctypes
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from sparsefold.config import PRECISIONS, is_url
+from sparsefold.config import PRECISIONS, RunConfig, is_url, split_spec
 
 _ALLOCATOR_DONE = False
 
@@ -164,6 +164,34 @@ def staging_root() -> Path:
     ``~/.cache/sparsefold/runs``."""
     env = os.environ.get("SPARSEFOLD_CACHE", "")
     return (Path(env).expanduser() if env else Path.home() / ".cache" / "sparsefold") / "runs"
+
+
+def absolute_paths(spec: str) -> str:
+    """The local paths of a data spec made absolute and canonical in this process (``~`` expanded, ``..``
+    and symlinks resolved); ``A|B`` fallbacks (parts stripped, as ``val_files`` reads them) and brace
+    patterns kept; URLs, ``builtin:`` parts, ``pipe:`` specs (a shell command may hold ``|``) and the
+    empty string unchanged."""
+    if not spec or str(spec).startswith("pipe:"):
+        return spec
+    def canonical(part: str) -> str:
+        keep = is_url(part) or part.startswith("builtin:")
+        return part if keep else str(Path(part).expanduser().resolve())
+
+    options = [split_spec(p) for p in str(spec).split("|")]  # val: fallbacks; train: a list of shard specs
+    if not any(options):  # nothing but separators: left as given, for the data error to quote
+        return spec
+    return "|".join(",".join(canonical(part) for part in parts) for parts in options)
+
+
+def canonical_paths(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with its local paths absolute in this process (``data.train``/``val``/``cache_dir`` through
+    :func:`absolute_paths`, ``trainer.output_dir`` resolved; URLs kept). The form a run's identity is
+    computed from, and the one Ray workers receive: they run in other directories, and the same data
+    named relatively from one directory or absolutely from another must give the same run."""
+    data = {key: absolute_paths(getattr(cfg.data, key)) for key in ("train", "val", "cache_dir")}
+    out = cfg.trainer.output_dir
+    out = out if is_url(out) else str(Path(out).expanduser().resolve())
+    return replace(cfg, data=replace(cfg.data, **data), trainer=replace(cfg.trainer, output_dir=out))
 
 
 def url_join(base: str, *parts: str) -> str:

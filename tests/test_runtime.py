@@ -227,7 +227,7 @@ def test_latest_step_uri(tmp_path):
 
 def test_data_paths_are_made_absolute_for_ray_workers(tmp_path, monkeypatch):
     """Ray workers run in another directory: fit() hands them absolute local data paths."""
-    from sparsefold.trainers.ray_train import absolute_paths
+    from sparsefold.runtime import absolute_paths
 
     monkeypatch.chdir(tmp_path)
     assert absolute_paths("data/set12|builtin:skimage") == f"{tmp_path}/data/set12|builtin:skimage"

@@ -20,7 +20,8 @@ manifest guards integrity, not authorship: whoever can write the storage can rew
 harmless is that nothing loaded from a checkpoint can execute code.)
 
 Resuming needs a manifest. Loading weights for inference (:func:`load_model`) verifies it when present
-and accepts older checkpoints without one (safetensors + JSON: nothing in them executes).
+and accepts older checkpoints without one (safetensors + JSON: nothing in them executes), with a one-line
+warning (none for the bundled models, which ship without one). Non-finite weights are refused either way.
 
 Which checkpoint is "the latest" is decided from the checkpoints themselves (the ``step`` in each valid
 one's state.json), never from a pointer file or from Ray's bookkeeping, which after a crash can name an
@@ -42,10 +43,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sparsefold.config import RunConfig, dataclass_from_dict, to_dict
+from sparsefold.errors import InputError, RunError
+from sparsefold.runtime import absolute_paths
 
 FORMAT = 1
 WEIGHTS, CONFIG, STATE, OPTIM = "model.safetensors", "config.json", "state.json", "optimizer.pt"
@@ -75,16 +79,15 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(
-    directory: str | Path,
-    model: nn.Module,
-    cfg: RunConfig,
-    state: dict[str, Any],
-    optimizer: torch.optim.Optimizer | None = None,
-) -> Path:
-    """Atomically write a checkpoint directory (temp dir, fsync, manifest, rename); returns its path."""
-    final = Path(directory)
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+def _own_temp(final: Path) -> Path:
+    """The temp directory this process writes ``final`` into (the pid tells :func:`prune_checkpoints`
+    whose it is)."""
+    return final.with_name(f"{final.name}.tmp-{os.getpid()}")
+
+
+def _write_files(tmp: Path, model: nn.Module, cfg: RunConfig, state: dict[str, Any],
+                 optimizer: torch.optim.Optimizer | None) -> None:
+    """Write every file of a checkpoint into ``tmp`` (fresh), fsynced, the manifest last."""
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -100,6 +103,36 @@ def save_checkpoint(
     (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "files": files}, indent=1))
     _fsync(tmp / MANIFEST)
     _fsync(tmp)
+
+
+def _write_failed(final: Path, e: BaseException) -> RunError:
+    """One line for a checkpoint that could not be written (its temp dir is already gone): the reason
+    (``No space left on device``, or torch's ``unexpected pos ...`` when its writer hit a full disk), what
+    to do, and the previous checkpoint, which was not touched."""
+    if isinstance(e, OSError) and e.strerror:
+        why = e.strerror
+    else:
+        why = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__) + " (disk full?)"
+    previous = latest_checkpoint(final.parent, warn=False)
+    kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint was touched"
+    return RunError(f"could not write checkpoint {final}: {why}; free space or move trainer.output_dir; {kept}")
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: nn.Module,
+    cfg: RunConfig,
+    state: dict[str, Any],
+    optimizer: torch.optim.Optimizer | None = None,
+) -> Path:
+    """Atomically write a checkpoint directory (temp dir, fsync, manifest, rename); returns its path."""
+    final = Path(directory)
+    tmp = _own_temp(final)
+    try:
+        _write_files(tmp, model, cfg, state, optimizer)
+    except (OSError, RuntimeError, SafetensorError) as e:  # disk full, quota, read-only; torch/safetensors wrap it
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_failed(final, e) from e
     old = final.with_name(f"{final.name}.tmp-old-{os.getpid()}")
     if final.exists():  # re-saving a step (after a rollback): keep the old one until the new is in place
         shutil.rmtree(old, ignore_errors=True)
@@ -221,8 +254,10 @@ def latest_in_storage(fs: Any, root: str, download_to: str | Path | None = None)
 
 
 def prune_checkpoints(checkpoints_dir: Path, keep: int) -> None:
-    """Keep the ``keep`` newest complete checkpoints (0 keeps all); remove stale temp dirs."""
-    for p in checkpoints_dir.glob("step_*.tmp-*"):
+    """Keep the ``keep`` newest complete checkpoints (0 keeps all); remove this process's leftover temp
+    dirs. Another process's ``.tmp-<pid>`` may be a checkpoint it is writing right now: never touched.
+    Only healthy states are checkpointed (trainers/loop.py), so the newest one, always kept, is healthy."""
+    for p in checkpoints_dir.glob(f"step_*.tmp-{os.getpid()}"):
         shutil.rmtree(p, ignore_errors=True)
     if keep > 0:
         done = sorted((p for p in checkpoints_dir.glob("step_*") if is_complete(p)),
@@ -263,6 +298,53 @@ def read_config(directory: Path) -> dict[str, Any]:
     return meta
 
 
+# Config keys a resumed run may change (a section name allows the whole section). They decide how long,
+# how often, where and on what the run goes on -- not which updates the steps compute (up to rounding:
+# device, threads, compile). max_steps / budget_cpu_seconds extend a run (the README's "raising
+# trainer.max_steps extends it"); rollback_* govern what happens after divergence; data.val* and
+# data.cache_dir only change what is measured or cached. Every other key (model, data.train, batch size,
+# loss, optim, noise, seed, workers, precision, amp, depth_stages, ...) would splice a second trajectory
+# onto the first in one run directory: a resume that changes one is refused (check_resume_config).
+RESUME_MAY_CHANGE = frozenset({
+    "wandb", "trainer.max_steps", "trainer.budget_cpu_seconds", "trainer.val_every", "trainer.ckpt_every",
+    "trainer.log_every", "trainer.keep_checkpoints", "trainer.progress", "trainer.threads", "trainer.output_dir",
+    "trainer.run_name", "trainer.resume", "trainer.use_ray", "trainer.max_failures", "trainer.cpus_per_worker",
+    "trainer.use_gpu", "trainer.compile", "trainer.channels_last", "trainer.rollback_after",
+    "trainer.rollback_lr_factor", "trainer.max_rollbacks", "data.val", "data.val_images", "data.cache_dir",
+})
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def config_changes(stored: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every key of two run configs (``RunConfig.to_dict()``) that differs and is
+    not in :data:`RESUME_MAY_CHANGE`. Keys only one side has (a field added or removed since) are skipped;
+    ``data.train`` is compared as absolute paths (relative to this process's directory)."""
+    old, cur = _flat(stored), _flat(json.loads(json.dumps(new)))  # JSON round trip: tuples become lists
+    for side in (old, cur):
+        if isinstance(side.get("data.train"), str):
+            side["data.train"] = absolute_paths(side["data.train"])
+    fixed = [k for k in sorted(old.keys() & cur.keys()) if k not in RESUME_MAY_CHANGE
+             and k.split(".")[0] not in RESUME_MAY_CHANGE]
+    return [f"{k}: {old[k]!r} -> {cur[k]!r}" for k in fixed if old[k] != cur[k]]
+
+
+def check_resume_config(directory: Path, run: dict[str, Any]) -> None:
+    """Refuse (:class:`InputError`, one line) to resume the checkpoint ``directory`` with a run config
+    ``run`` whose trajectory settings differ from the config it was trained with (see
+    :data:`RESUME_MAY_CHANGE`); the differing keys are listed."""
+    stored = read_config(directory).get("run")
+    changes = config_changes(stored, run) if isinstance(stored, dict) else []
+    if changes:
+        raise InputError(f"{directory}: this run was trained with other settings ({'; '.join(changes)}); resuming "
+                         "would mix two trajectories in one run: keep them, or pick another trainer.run_name")
+
+
 def _load_weights(directory: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
     try:
         return load_file(str(directory / WEIGHTS), device=device)
@@ -272,12 +354,18 @@ def _load_weights(directory: Path, device: str = "cpu") -> dict[str, torch.Tenso
 
 
 def _load_strict(model: nn.Module, weights: dict[str, torch.Tensor], directory: Path, name: str) -> None:
+    """Load ``weights`` into ``model``: every tensor present, of the right shape, and finite (a NaN/inf
+    weight would score NaN or resume a diverged run; refused whether or not a manifest vouches for it)."""
     own = model.state_dict()
     missing, unexpected = set(own) - set(weights), set(weights) - set(own)
     shapes = sorted(k for k in set(own) & set(weights) if own[k].shape != weights[k].shape)
     if missing or unexpected or shapes:
         raise CheckpointError(f"{directory}: weights do not match {name} (missing {sorted(missing)[:3]}, "
                               f"unexpected {sorted(unexpected)[:3]}, wrong shape {shapes[:3]})")
+    bad = sorted(k for k, t in weights.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:
+        raise CheckpointError(f"{directory / WEIGHTS}: non-finite (NaN/inf) values in {len(bad)} tensor(s), e.g. "
+                              f"{bad[0]}: a diverged or corrupt checkpoint; use an earlier one")
     model.load_state_dict(weights)
 
 
@@ -287,6 +375,9 @@ def load_model(ref: str | Path, device: str | torch.device = "cpu") -> tuple[nn.
 
     directory = resolve_checkpoint(ref)
     verify_checkpoint(directory, require_manifest=False)
+    if not (directory / MANIFEST).is_file() and not directory.resolve().is_relative_to(BUNDLED_DIR.resolve()):
+        _warn(f"{directory}: no {MANIFEST}, so its files cannot be verified (an older checkpoint, or a partial "
+              "copy); loading it anyway")
     meta = read_config(directory)
     name = meta["model"].get("name")
     if name not in MODELS:

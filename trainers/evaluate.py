@@ -8,6 +8,7 @@ SSIM (11×11, σ=1.5, data_range 1) per image, averaged.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from sparsefold.config import NoiseConfig
-from sparsefold.datasets import add_noise, gaussian_eval_noise, list_images, load_image, save_image
+from sparsefold.datasets import add_noise, gaussian_eval_noise, load_image, save_image
+from sparsefold.errors import InputError, RunError
+from sparsefold.trainers.tiling import denoise_tiled, tile_pixels
 
 
 def psnr(x: Tensor, ref: Tensor) -> float:
@@ -50,9 +53,15 @@ def noisy_versions(clean: list[Tensor], noise: NoiseConfig, seed: int = 0) -> li
 
 
 @torch.inference_mode()
-def denoise(model: nn.Module, noisy: Tensor, device: torch.device | str = "cpu", sigma: float | None = None) -> Tensor:
+def denoise(model: nn.Module, noisy: Tensor, device: torch.device | str = "cpu", sigma: float | None = None,
+            max_memory: int | None = None) -> Tensor:
     """Model output for one (C, H, W) image, clipped to [0, 1]. ``sigma`` (0..255) is the known noise
-    level, or None: noise-adaptive models then estimate it from the image (blind denoising)."""
+    level, or None: noise-adaptive models then estimate it from the image (blind denoising). An image
+    whose forward pass would need more than ``max_memory`` bytes (None: ``tiling.default_max_memory``)
+    runs in overlapping tiles, with the same result (``trainers/tiling.py``)."""
+    pixels = tile_pixels(model, noisy, device, max_memory)
+    if pixels is not None:
+        return denoise_tiled(model, noisy, device, sigma, pixels)
     s = None if sigma is None else torch.tensor([float(sigma)], device=device)
     out = model(noisy.unsqueeze(0).to(device), s).squeeze(0).float().cpu()
     return out.clamp_(0.0, 1.0)
@@ -68,6 +77,7 @@ def evaluate_images(
     with_ssim: bool = True,
     keep_first: bool = False,
     blind: bool = False,
+    max_memory: int | None = None,
 ) -> dict:
     """Score ``model`` on ``files`` (in the given order). Returns psnr, ssim, images, sec_per_image,
     per-image lists and, with ``keep_first``, the first (noisy, denoised, clean) triple. The model is told
@@ -79,7 +89,7 @@ def evaluate_images(
     psnrs, ssims, secs, cpu, first = [], [], [], [], None
     for i, (x, y) in enumerate(zip(clean, noisy)):
         t0, c0 = time.perf_counter(), time.process_time()
-        out = denoise(model, y, device, None if blind else eval_sigma(noise))
+        out = denoise(model, y, device, None if blind else eval_sigma(noise), max_memory)
         secs.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)  # CPU seconds of all threads: robust to other load
         psnrs.append(psnr(out, x))
@@ -103,21 +113,63 @@ def evaluate_images(
     return res
 
 
-def denoise_path(model: nn.Module, src: Path, dst: Path, gray: bool = True, device: str = "cpu",
+def denoise_path(model: nn.Module, pairs: list[tuple[Path, Path]], gray: bool = True, device: str = "cpu",
                  sigma: float | None = None, adapt: Callable[[nn.Module, Tensor], nn.Module] | None = None,
-                 ) -> list[Path]:
-    """Denoise one image or every image of a folder; writes PNGs. Returns the written paths. ``sigma``:
-    the known noise level (None: blind). ``adapt(model, noisy) -> model``: test-time adaptation per image."""
-    pairs = ([(src, dst if dst.suffix else dst / (src.stem + ".png"))] if src.is_file()
-             else [(f, dst / (f.stem + ".png")) for f in list_images(src)])
-    if not pairs:
-        raise ValueError(f"{src}: no images found")
+                 max_memory: int | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Denoise each (input, output) pair of ``datasets.images.plan_outputs`` (which refuses overwriting an
+    input, an existing file without --overwrite, and name clashes). Returns (written, failed): an
+    unreadable input (corrupt, truncated, empty, a decompression bomb, an unsupported mode) or a non-finite
+    result is listed in ``failed`` with a one-line reason and the job goes on; the caller reports them.
+    Output folders are created and checked writable before the first image. Each output is written
+    atomically (``save_image``). ``sigma``: the known noise level (None: blind). ``adapt(model, noisy) ->
+    model``: test-time adaptation per image. ``max_memory``: bytes per forward pass (see :func:`denoise`)."""
+    for folder in {target.parent for _, target in pairs}:
+        _check_writable(folder)
     model.eval()
-    out = []
+    written, failed = [], []
     for f, target in pairs:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        y = load_image(f, gray=gray)
-        m = adapt(model, y) if adapt is not None else model
-        save_image(denoise(m.eval(), y, device, sigma), target)
-        out.append(target)
-    return out
+        try:
+            y = load_image(f, gray=gray)
+        except InputError as e:
+            failed.append((f, str(e)))
+            continue
+        out = _denoise_any_size(model, y, device, sigma, adapt, max_memory)
+        if not torch.isfinite(out).all():
+            failed.append((f, f"{f}: the model's output is not finite (NaN/inf); nothing written"))
+            continue
+        try:
+            save_image(out, target)
+        except OSError as e:
+            raise RunError(f"{target}: cannot write ({e.strerror or e}); the {len(written)} outputs before it "
+                           "are complete") from None
+        written.append(target)
+    return written, failed
+
+
+def _check_writable(folder: Path) -> None:
+    """Create ``folder`` if needed; InputError when that fails or it is not writable."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{folder}: cannot create the output folder ({e.strerror or e})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"{folder}: output folder is not writable; choose another OUTPUT")
+
+
+def _min_side(model: nn.Module) -> int:
+    """The smallest height/width a model takes: its kernel or patch size (1 when it has neither)."""
+    cfg = getattr(model, "config", None)
+    return max(1, getattr(cfg, "kernel_size", 1) or 1, getattr(cfg, "patch_size", 1) or 1)
+
+
+def _denoise_any_size(model: nn.Module, y: Tensor, device: str, sigma: float | None,
+                      adapt: Callable[[nn.Module, Tensor], nn.Module] | None,
+                      max_memory: int | None = None) -> Tensor:
+    """:func:`denoise` for an image of any size: one smaller than the model's kernel or patch is padded
+    by edge replication up to it, denoised, and cropped back (a 1×1 image comes back 1×1)."""
+    h, w = y.shape[-2:]
+    side = _min_side(model)
+    pad = (0, max(0, side - w), 0, max(0, side - h))
+    yp = torch.nn.functional.pad(y[None], pad, mode="replicate")[0] if any(pad) else y
+    m = adapt(model, yp) if adapt is not None else model
+    return denoise(m.eval(), yp, device, sigma, max_memory)[..., :h, :w]

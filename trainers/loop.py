@@ -10,7 +10,8 @@ Resume and faults: a run resumes from its latest valid checkpoint (weights, opti
 lr scale); every step reseeds the global RNG from (seed, rank, step), so resumed == uninterrupted bit
 for bit on CPU. A non-finite loss or gradient (decided on all ranks at once) skips the step;
 ``trainer.rollback_after`` such steps in a row restore the last checkpoint (kept in memory) and multiply
-the learning rate by ``trainer.rollback_lr_factor``.
+the learning rate by ``trainer.rollback_lr_factor``. Only a healthy state is checkpointed (and becomes
+the rollback target; see :func:`unhealthy`), so the newest checkpoint is always the last healthy one.
 """
 
 from __future__ import annotations
@@ -30,12 +31,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsefold.config import RunConfig, is_url, to_dict
-from sparsefold.datasets import PatchStream, check_shard_count, make_loader, train_urls, val_files
+from sparsefold.config import ConfigError, RunConfig, is_url, to_dict
+from sparsefold.datasets import (
+    PatchStream,
+    check_shard_count,
+    make_loader,
+    skipped_while_sharding,
+    train_urls,
+    val_files,
+)
 from sparsefold.datasets.patches import stable_seed
+from sparsefold.errors import RunError
 from sparsefold.models import build_model, count_parameters
-from sparsefold.runtime import runtime_for, staging_root
+from sparsefold.runtime import canonical_paths, runtime_for, staging_root
 from sparsefold.trainers.checkpoint import (
+    check_resume_config,
     fault_hook,
     latest_checkpoint,
     load_training_state,
@@ -44,6 +54,7 @@ from sparsefold.trainers.checkpoint import (
 )
 from sparsefold.trainers.evaluate import evaluate_images
 from sparsefold.trainers.losses import Objective
+from sparsefold.trainers.runlock import run_lock
 from sparsefold.trainers.tracking import make_tracker, model_panels
 
 
@@ -60,11 +71,21 @@ class Dist:
 
 
 def default_run_name(cfg: RunConfig) -> str:
-    """Stable name from what defines the experiment (model, data, noise, optim, seed), so running the
-    same command again resumes it; changing max_steps extends the same run."""
-    key = {k: v for k, v in cfg.to_dict().items() if k not in ("trainer", "wandb")}
+    """Stable name from what defines the experiment (model, data, noise, optim, loss, seed), so running the
+    same command again resumes it; changing max_steps extends the same run.
+
+    Hashed from the canonical config (:func:`~sparsefold.runtime.canonical_paths`): data named by a relative
+    path from the repository or by an absolute path from elsewhere is the same run, and a Ray worker (handed
+    absolute paths) would compute what its driver did -- though the driver hands it the name anyway.
+
+    A Ray run (``trainer.use_ray``) is ``<model>-ray-<hash>``, never the plain run's directory: the two lay
+    a run out differently (plain: ``<run>/checkpoints/step_*``; Ray Train's storage: ``<run>/step_*`` and its
+    snapshot), so in one directory neither would resume from the other's checkpoints, yet both would write
+    config.json and W&B files there. Other trainer settings (workers, precision, ...) are not in the name."""
+    key = {k: v for k, v in canonical_paths(cfg).to_dict().items() if k not in ("trainer", "wandb")}
     key["seed"] = cfg.trainer.seed
-    return f"{cfg.model.name}-{hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]}"
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{cfg.model.name}-{'ray-' if cfg.trainer.use_ray else ''}{digest}"
 
 
 def run_dir_of(cfg: RunConfig) -> Path:
@@ -106,8 +127,8 @@ def batches(ds: PatchStream, loader: Any, epoch: int, skip: int) -> Iterator[tup
             if i >= skip:
                 yield epoch, i, b
         if seen == 0:
-            raise RuntimeError(f"data.train: epoch {epoch} yielded no batch on this rank (too few samples "
-                               f"for data.batch_size={ds.data.batch_size}?)")
+            raise ConfigError(f"data.batch_size: {ds.data.batch_size} is more than data.train yields on this rank "
+                              f"in an epoch (epoch {epoch} had no full batch); lower data.batch_size or add data")
         epoch, skip = epoch + 1, 0
 
 
@@ -143,13 +164,51 @@ def unfolding_metrics(model: nn.Module) -> dict[str, float]:
     return out
 
 
-def all_finite(x: torch.Tensor, world_size: int) -> bool:
-    """Whether ``x`` is finite on EVERY rank (one tiny all-reduce under DDP), so that all ranks skip, step
-    and roll back together: a rank skipping backward alone would leave the others waiting in allreduce."""
-    ok = torch.isfinite(x.detach()).all().float().reshape(1)
+def all_ranks(ok: torch.Tensor, world_size: int) -> bool:
+    """Whether the boolean ``ok`` holds on EVERY rank (one tiny all-reduce under DDP), so that all ranks
+    skip, step, checkpoint and roll back together: a rank skipping backward alone would leave the others
+    waiting in allreduce."""
+    flag = ok.float().reshape(1)
     if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
-    return bool(ok.item() > 0)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
+def all_finite(x: torch.Tensor, world_size: int) -> bool:
+    """Whether ``x`` is finite on every rank (:func:`all_ranks`)."""
+    return all_ranks(torch.isfinite(x.detach()).all(), world_size)
+
+
+def unhealthy(cfg: RunConfig, model: nn.Module, rt: Any, batch: tuple[torch.Tensor, ...], streak: int,
+              world_size: int) -> str | None:
+    """Why the current state must not become a checkpoint or the rollback target, or None when healthy.
+
+    Healthy: no open non-finite streak, every parameter and buffer finite (BatchNorm's running stats
+    turn NaN in the forward of a skipped step), and a finite loss OF THESE WEIGHTS on this step's batch.
+    The step's own loss was computed before its update, so with a huge lr (1e30) a step ends "finite"
+    with weights that overflow in the next forward; one extra forward (eval mode, no grad, no DDP) sees
+    that. Weights that are merely large but compute finite losses are healthy: finiteness is the rule.
+    Decided on all ranks together (every rank calls this at the same steps)."""
+    if streak:
+        return f"{streak} non-finite step{'s' if streak > 1 else ''} in a row"
+    weights = [v.detach() for v in model.state_dict().values() if v.is_floating_point()]
+    if not all_ranks(torch.stack([torch.isfinite(v).all() for v in weights]).all(), world_size):
+        return "non-finite weights"
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), rt.autocast():
+        loss = Objective(model, cfg.loss, cfg.noise)(*batch)
+    model.train(was_training)
+    return None if all_finite(loss, world_size) else "its weights give a non-finite loss"
+
+
+def diverged(cfg: RunConfig, state: dict, streak: int, good_step: int, last_ckpt: Path | None) -> RunError:
+    """The one-line error that ends a run after ``trainer.max_rollbacks`` rollbacks."""
+    where = f" ({last_ckpt}, the newest checkpoint on disk)" if last_ckpt else ""
+    return RunError(f"training diverged: {streak} consecutive non-finite steps at step {state['step']} after "
+                    f"{state['rollbacks']} rollbacks (trainer.max_rollbacks={cfg.trainer.max_rollbacks}); last healthy "
+                    f"state: step {good_step}{where}; lower optim.lr (now {cfg.optim.lr:g}) or set optim.grad_clip "
+                    f"(now {cfg.optim.grad_clip:g}; e.g. 1)")
 
 
 def snapshot(model: nn.Module, opt: torch.optim.Optimizer, state: dict) -> tuple[dict, dict, dict]:
@@ -159,8 +218,19 @@ def snapshot(model: nn.Module, opt: torch.optim.Optimizer, state: dict) -> tuple
 
 
 def train(cfg: RunConfig, dist: Dist | None = None) -> dict[str, Any]:
-    """Train ``cfg`` to ``trainer.max_steps``; returns {checkpoint, steps, seconds, val_psnr, ...}."""
+    """Train ``cfg`` to ``trainer.max_steps``; returns {checkpoint, steps, seconds, val_psnr, ...}.
+
+    Rank 0 of the plain path holds the run lock (trainers/runlock.py) for the whole run, taken before
+    anything in the run directory is read or written; under Ray the driver holds it (ray_train.fit)."""
     dist = dist or Dist()
+    if dist.report is not None or dist.rank != 0:
+        return _train(cfg, dist)
+    with run_lock(run_dir_of(cfg)):
+        return _train(cfg, dist)
+
+
+def _train(cfg: RunConfig, dist: Dist) -> dict[str, Any]:
+    """The loop of :func:`train`."""
     t, main = cfg.trainer, dist.rank == 0
     rt = runtime_for(t, dist.local_rank)  # device, autocast dtype, compile, channels-last
     run_dir = run_dir_of(cfg)
@@ -178,6 +248,7 @@ def train(cfg: RunConfig, dist: Dist | None = None) -> dict[str, Any]:
                               "set trainer.resume=true to continue it")
     resume = dist.resume_from or (latest if t.resume else None)
     if resume is not None:
+        check_resume_config(resume, cfg.to_dict())  # one trajectory per run directory
         state.update(load_training_state(resume, model, opt))
         if main:
             print(f"[sparsefold] resuming run {run_name} from step {state['step']} ({resume})"
@@ -187,6 +258,7 @@ def train(cfg: RunConfig, dist: Dist | None = None) -> dict[str, Any]:
     net = rt.compiled(dist.wrap(Objective(model, cfg.loss, cfg.noise)))  # DDP wraps model + loss (multilayer, nll)
 
     urls = train_urls(cfg.data)
+    unreadable = skipped_while_sharding(urls)  # images left out of the shards: part of data/skipped
     check_shard_count(urls, dist.world_size, cfg.data.num_workers, cfg.data.resampled)
     ds = PatchStream(urls, cfg.data, cfg.noise, seed=t.seed, rank=dist.rank, world_size=dist.world_size)
     stream = batches(ds, make_loader(ds, cfg.data), state["epoch"], state["batch_in_epoch"])
@@ -249,8 +321,7 @@ def train(cfg: RunConfig, dist: Dist | None = None) -> dict[str, Any]:
         streak = 0 if finite else streak + 1
         if t.rollback_after and streak >= t.rollback_after:  # K bad steps in a row: back to the last checkpoint
             if state["rollbacks"] >= t.max_rollbacks:
-                raise RuntimeError(f"training diverged: {streak} consecutive non-finite steps at step {state['step']} "
-                                   f"after {state['rollbacks']} rollbacks (trainer.max_rollbacks); lower optim.lr")
+                raise diverged(cfg, state, streak, good[2]["step"], last_ckpt if dist.report is None else None)
             keep = {"nonfinite_steps": state["nonfinite_steps"], "rollbacks": state["rollbacks"] + 1,
                     "lr_scale": state["lr_scale"] * t.rollback_lr_factor}
             bad_step = state["step"]
@@ -276,7 +347,7 @@ def train(cfg: RunConfig, dist: Dist | None = None) -> dict[str, Any]:
         if main and (step % t.log_every == 0 or last):
             now = time.perf_counter()
             tracker.log({"train/loss": loss.item(), "train/lr": g["lr"], "train/samples_per_s": win_n / (now - win_t),
-                         "train/grad_norm": grad_norm, "data/skipped": state["skipped"],
+                         "train/grad_norm": grad_norm, "data/skipped": state["skipped"] + unreadable,
                          "train/nonfinite_steps": state["nonfinite_steps"], "train/rollbacks": state["rollbacks"],
                          "train/lr_scale": state["lr_scale"], "epoch": epoch, **({"model/depth": depth} if depth else {})},
                         step=step)
@@ -298,14 +369,19 @@ def train(cfg: RunConfig, dist: Dist | None = None) -> dict[str, Any]:
             bar.write(line, file=sys.stderr) if bar is not None else print(line, file=sys.stderr, flush=True)
             tracker.log_images(model_panels(model, res["first"]), step=step)
         state["metrics"] = metrics
+        why = unhealthy(cfg, model, rt, (noisy, clean, sigma), streak, dist.world_size)  # never checkpoint a bad state
+        if why and main:
+            print(f"[sparsefold] step {step}: not checkpointed ({why}); the rollback target stays step "
+                  f"{good[2]['step']}", file=sys.stderr, flush=True)
         if dist.report is not None:  # Ray: one report per validation/checkpoint, checkpoint attached on rank 0
             with tempfile.TemporaryDirectory() as tmp:
-                path = save_checkpoint(Path(tmp) / "ckpt", model, cfg, state, opt) if main else None
+                path = save_checkpoint(Path(tmp) / "ckpt", model, cfg, state, opt) if main and not why else None
                 dist.report({"step": step, **metrics, "val_psnr": metrics.get("val/psnr", float("nan"))}, path)
-        elif main:
+        elif main and not why:
             last_ckpt = save_checkpoint(ckpt_dir / f"step_{step:07d}", model, cfg, state, opt)
             prune_checkpoints(ckpt_dir, t.keep_checkpoints)
-        good = snapshot(model, opt, state)  # every rank: the rollback target is what was just checkpointed
+        if not why:
+            good = snapshot(model, opt, state)  # every rank: the rollback target is what was just checkpointed
         fault_hook("checkpoint", dist.rank, step)
     if bar is not None:
         bar.close()
@@ -315,7 +391,7 @@ def train(cfg: RunConfig, dist: Dist | None = None) -> dict[str, Any]:
     tracker.finish()
     return {"checkpoint": str(last_ckpt) if last_ckpt else None, "run_dir": str(run_dir), "steps": state["step"],
             "seconds": round(time.perf_counter() - t_start, 2), "val_psnr": metrics.get("val/psnr"),
-            "val_ssim": metrics.get("val/ssim"), "samples": state["samples"], "skipped": state["skipped"],
+            "val_ssim": metrics.get("val/ssim"), "samples": state["samples"], "skipped": state["skipped"] + unreadable,
             "nonfinite_steps": state["nonfinite_steps"], "rollbacks": state["rollbacks"], "lr_scale": state["lr_scale"],
             "resumed_from_step": resumed_from, "params": count_parameters(model),
             "cpu_seconds": round(cpu_base + _cpu_seconds() - cpu0, 1)}

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from sparsefold.config import RunConfig, is_url
-from sparsefold.runtime import distributed_backend, upload_tree, url_join
-from sparsefold.trainers.checkpoint import latest_checkpoint
+from sparsefold.runtime import canonical_paths, distributed_backend, upload_tree, url_join
+from sparsefold.trainers.checkpoint import check_resume_config, latest_checkpoint
 from sparsefold.trainers.loop import Dist, run_dir_of, train
+from sparsefold.trainers.runlock import run_lock
 
 
 def resume_checkpoint(ctx: Any, restored: Any) -> Path | None:
@@ -54,16 +56,13 @@ def resume_checkpoint(ctx: Any, restored: Any) -> Path | None:
     return Path(ray.train.Checkpoint(f"{root}/{name}", filesystem=fs).to_directory())
 
 
-def absolute_paths(spec: str) -> str:
-    """Make the local paths of a data spec absolute on the driver (``A|B`` fallbacks, brace patterns kept);
-    URLs, ``builtin:`` and ``pipe:`` specs and the empty string are returned unchanged."""
-    if not spec:
-        return spec
-    parts = []
-    for part in str(spec).split("|"):
-        keep = is_url(part) or part.startswith(("builtin:", "pipe:")) or Path(part).expanduser().is_absolute()
-        parts.append(part if keep else str(Path(part).expanduser().absolute()))
-    return "|".join(parts)
+def canonical_run(cfg: RunConfig) -> RunConfig:
+    """The run's identity, computed ONCE, on the driver: :func:`~sparsefold.runtime.canonical_paths` (local
+    paths absolute: workers run in other directories) with ``trainer.run_name`` set to the name that form
+    implies. Workers get this config as is and never recompute the name, so Ray's storage folder, the
+    run's config.json and W&B files and the final JSON's ``checkpoint`` and ``run_dir`` are one run."""
+    canon = canonical_paths(cfg)
+    return replace(canon, trainer=replace(canon.trainer, run_name=run_dir_of(canon).name))
 
 
 def preflight(cfg: RunConfig) -> None:
@@ -173,6 +172,15 @@ def fit(cfg: RunConfig, *, callbacks: list | None = None, gpus_per_worker: float
     ``callbacks``: extra ``ray.train.UserCallback``s (a sweep trial passes one that forwards each
     validation report to Tune). ``gpus_per_worker``: a GPU share per worker (fractions allowed) instead
     of the one GPU that ``trainer.use_gpu`` reserves."""
+    cfg = canonical_run(cfg)  # the run's identity, once; from here on every process uses this config
+    run_dir = run_dir_of(cfg)
+    with run_lock(run_dir):  # one writer per run: taken before anything is written or Ray starts
+        return run_trainer(cfg, run_dir, callbacks, gpus_per_worker)
+
+
+def run_trainer(cfg: RunConfig, run_dir: Path, callbacks: list | None, gpus_per_worker: float | None) -> dict[str, Any]:
+    """:func:`fit` after the run's identity is fixed: ``cfg`` is :func:`canonical_run`'s, ``run_dir`` its
+    directory (local, or the node-local staging directory of a URL output_dir)."""
     # Reports are polled by the controller; the default 2 s interval costs ~2 s per report on small
     # machines (notes §1.3). Must be set before Ray starts: it is propagated to controller and workers.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
@@ -182,21 +190,18 @@ def fit(cfg: RunConfig, *, callbacks: list | None = None, gpus_per_worker: float
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t = cfg.trainer
-    run_dir = run_dir_of(cfg)
     storage, name, run_root = storage_of(cfg)
-    run = cfg.to_dict()
-    run["trainer"]["output_dir"] = storage  # absolute (or the URL), whatever the workers' directory
-    for key in ("train", "val", "cache_dir"):  # Ray workers run in another directory: absolute data paths
-        run["data"][key] = absolute_paths(run["data"][key])
     preflight(cfg)
-    announce_resume(cfg, run_root)
+    latest = announce_resume(cfg, run_root)
+    if latest is not None:  # refused here in one line; inside a worker Ray would wrap the error
+        check_resume_config(latest, cfg.to_dict())
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
     gpus = (gpus_per_worker if gpus_per_worker is not None else 1) if t.use_gpu else 0
     resources = {"CPU": t.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run": run},
+        train_loop_config={"run": cfg.to_dict()},  # absolute paths and the run name: nothing to recompute
         torch_config=TorchConfig(backend=distributed_backend(t.use_gpu)),
         scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
                                                resources_per_worker=resources),
