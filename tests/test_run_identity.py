@@ -120,3 +120,33 @@ def test_plain_and_ray_runs_of_a_relative_path_config_keep_to_their_own_director
     assert main(["evaluate", str(ray_dir), "val", "--sigma", "25"]) == 0
     scored = _last_json(capsys)
     assert Path(scored["checkpoint"]).parent == ray_dir and scored["images"] == 2
+
+
+def test_a_workers_expected_failure_is_one_line_on_the_driver(tiny_overrides, tmp_path, monkeypatch, capsys):
+    """A "training diverged" RunError raised in a Ray worker reaches the driver wrapped in Ray's
+    WorkerGroupError (a multi-line report); the CLI prints the worker's one line and exits 1."""
+    pytest.importorskip("ray")
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    from sparsefold.cli import main
+    from sparsefold.errors import RunError
+
+    diverged = "training diverged: 6 consecutive non-finite steps at step 7; lower optim.lr"
+
+    class Failing:  # stands in for TorchTrainer: rank 1 raised RunError
+        def __init__(self, *_, **__):
+            pass
+
+        def fit(self):
+            raise ray.train.WorkerGroupError("rank 1:\nTraceback ...\nRunError: " + diverged,
+                                             {1: RunError(diverged)})
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", Failing)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.chdir(tmp_path)
+    write_val(tmp_path / "val")
+    assert main(["train", *tiny_overrides, "data.val=val", "trainer.use_ray=true"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: {diverged}" and not any("Traceback" in ln for ln in err)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsefold.config import RunConfig, is_url
+from sparsefold.errors import InputError, RunError, SparsefoldError
 from sparsefold.runtime import canonical_paths, distributed_backend, upload_tree, url_join
 from sparsefold.trainers.checkpoint import check_resume_config, latest_checkpoint
 from sparsefold.trainers.loop import Dist, run_dir_of, train
@@ -128,6 +129,23 @@ def publish_run_files(cfg: RunConfig) -> str:
     return root
 
 
+def worker_failure(error: Exception) -> Exception:
+    """The expected failure (:class:`~sparsefold.errors.SparsefoldError`, e.g. "training diverged") that a
+    worker raised, as a new one-line error of the same class, unwrapped from Ray's ``WorkerGroupError``
+    (which holds each rank's exception, possibly wrapped in a ``RayTaskError``); else ``error`` itself."""
+    for failure in getattr(error, "worker_failures", {}).values():
+        chain, e = [], failure
+        while e is not None and len(chain) < 20:  # RayTaskError.cause / __cause__, outermost first
+            chain.append(e)
+            e = getattr(e, "cause", None) or e.__cause__
+        ours = [e for e in chain if isinstance(e, SparsefoldError)]
+        if ours:  # the innermost: the exception as raised, not Ray's wrapper of it
+            lines = [ln for ln in str(ours[-1]).splitlines() if ln.strip()]
+            expected = InputError if ours[-1].exit_code == InputError.exit_code else RunError
+            return expected(lines[0] if lines else type(ours[-1]).__name__)
+    return error
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Runs inside every Ray Train worker."""
     import ray.train
@@ -213,7 +231,10 @@ def run_trainer(cfg: RunConfig, run_dir: Path, callbacks: list | None, gpus_per_
             callbacks=list(callbacks or []),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.WorkerGroupError as e:  # a worker's expected failure is one line, not Ray's report
+        raise worker_failure(e) from e
     out = dict(result.return_value or {})
     # Ray's result.checkpoint can lag behind (notes §1.5)
     latest = latest_step_uri(run_root) if is_url(t.output_dir) else latest_checkpoint(run_dir, warn=False)
