@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def cscnet_geometry(h: int, w: int, kernel: int, stride: int) -> dict[str, int]:
-    from sparsefold.models._ops import shift_geometry
+    from sparsefold.models.convops import shift_geometry
 
     top, bottom, left, right = shift_geometry(h, w, kernel, stride)
     ph, pw = h + top + bottom, w + left + right

@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_config(a: argparse.Namespace, out_dir: Path, name: str, extra: list[str]) -> Any:
-    from sparsefold.cli import load_run_config
+    from sparsefold.config import load_run_config
 
     steps = a.steps
     return load_run_config(a.config or None, [

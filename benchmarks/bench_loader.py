@@ -83,8 +83,7 @@ def bench_loader(urls: list[str], data: Any, noise: Any, batches: int) -> dict[s
 def bench_model(name: str, steps: int) -> dict[str, Any]:
     import torch
 
-    from sparsefold.cli import load_run_config
-    from sparsefold.config import load_config, to_dict
+    from sparsefold.config import load_config, load_run_config, to_dict
     from sparsefold.models import build_model, count_parameters
 
     spec = MODELS[name]

@@ -46,8 +46,9 @@ def main(argv: list[str]) -> int:
         for f in ("model.safetensors", "config.json", "state.json"):
             shutil.copy2(src / f, dst / f)
         text = (src / "config.json").read_text().replace(str(ROOT) + "/", "")  # no paths of this machine
-        (dst / "config.json").write_text(text)
         cfg = json.loads(text)
+        cfg["params"] = r["train"]["params"]  # listed by `sparsefold models` without building the model
+        (dst / "config.json").write_text(json.dumps(cfg, indent=1, ensure_ascii=False))
         scores = "\n".join(f"| {t} ({' '.join(map(str, s_args))}) | **{s['psnr']:.2f} dB** PSNR, SSIM {s['ssim']:.3f}; "
                            f"noisy input {s['input_psnr']:.2f} dB; {s['cpu_sec_per_image']:.2f} CPU s/image |"
                            for t, s, s_args in ((t, s, [x for test in data['suite']['models'][entry].get('tests', data['suite']['tests'])

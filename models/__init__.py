@@ -16,13 +16,14 @@ Optional (the trainer checks with ``hasattr``):
 * ``reconstructions(y, sigma=None) -> list[Tensor]``: x̂ after each unfolding, last = ``forward``
   (multi-layer loss, ``loss.kind=multilayer``).
 * ``set_depth(T)``: run T unfoldings from now on; untied models warm-start new layers from the last
-  trained one (incremental depth, ``trainer.depth_stages``). ``config.depth`` is the maximum.
+  trained one (incremental depth, ``trainer.depth_stages``); the attribute ``depth`` is the depth in use,
+  ``config.depth`` the maximum.
 * ``natural(y, sigma=None) -> η``: natural parameter of the noise model's likelihood, for the
   unsupervised loss (``loss.kind=nll``, see :mod:`.likelihoods`).
 * ``dictionary() -> (K, C, k, k)`` atoms for the W&B grid; ``code_sparsity(y) -> list[float]`` fraction of
   non-zero codes per unfolding.
 * config method ``check_noise(noise)``: raise ``ConfigError`` when the model cannot serve that noise.
-* ``tiling`` property -> ``_ops.Tiling(halo, align)``: exact receptive-field radius and grid period, for
+* ``tiling`` property -> ``tiling.Tiling(halo, align)``: exact receptive-field radius and grid period, for
   tiled inference of large images (``trainers/tiling.py``; without it an image always runs whole). Models
   that centre on the image mean take ``forward(y, sigma=None, mean=None)``: a tile gets the whole image's.
 """

@@ -54,16 +54,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparsefold.config import check
-from sparsefold.models._ops import (
-    Tiling,
-    conv_analysis,
-    conv_synthesis,
-    estimate_sigma,
-    noise_adaptive_threshold,
-    power_method,
-    soft_threshold,
-)
+from sparsefold.errors import check
+from sparsefold.models.convops import conv_analysis, conv_synthesis, power_method
+from sparsefold.models.noise_level import estimate_sigma, noise_adaptive_threshold
+from sparsefold.models.prox import soft_threshold
+from sparsefold.models.tiling import Tiling
 
 POWER_SIZE, POWER_ITERS = 128, 100  # L = ‖D‖²₂ for the init and for conv_ista (same settings)
 

@@ -18,7 +18,7 @@ Learned iteration (T unfoldings, weights tied across t, three separate filter ba
 Strided filters see 1/s² of the pixel grid, so the network runs on the s² shifted copies of the
 reflect-padded input and averages the aligned outputs (the paper's "MMSE approximation", Eq. 4).
 Here the shifts are windows of one padded image stacked into the batch dimension, and A/B are a GEMM
-plus col2im/im2col, which keeps A the exact adjoint of B (see ``_ops.py``).
+plus col2im/im2col, which keeps A the exact adjoint of B (see ``convops.py``).
 
 Symbol → attribute:
 
@@ -29,7 +29,7 @@ Symbol → attribute:
     B           ``self.B`` (analysis)          (K, C, k, k)
     C           ``self.C`` (final decoder)     (K, C, k, k)
     θ           ``self.threshold``             (K,)  one per filter, shared by all t
-    T           ``config.depth``               number of soft-threshold applications
+    T           ``self.depth``                 soft-threshold applications (``config.depth`` until ``set_depth``)
     K, k, s     ``filters, kernel_size, stride``
     ==========  =============================  ===================================
 
@@ -49,18 +49,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from sparsefold.config import check
-from sparsefold.models._ops import (
-    Tiling,
-    conv_analysis,
-    conv_synthesis,
-    estimate_sigma,
-    noise_adaptive_threshold,
-    power_method,
-    shift_average,
-    shift_stack,
-    soft_threshold,
-)
+from sparsefold.errors import check
+from sparsefold.models.convops import conv_analysis, conv_synthesis, power_method, shift_average, shift_stack
+from sparsefold.models.noise_level import estimate_sigma, noise_adaptive_threshold
+from sparsefold.models.prox import soft_threshold
+from sparsefold.models.tiling import Tiling
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,19 +98,19 @@ class CSCNet(nn.Module):
             self.threshold_sigma = nn.Parameter(torch.full((K,), config.threshold_init * 255.0 / 25.0))
         else:
             self.threshold = nn.Parameter(torch.full((K,), config.threshold_init))
-        self.active_depth = config.depth
+        self.depth = config.depth  # active depth, see set_depth
 
     def set_depth(self, depth: int) -> None:
         """Run ``depth`` unfoldings from now on (tied weights: nothing to copy)."""
         if not 1 <= depth:
             raise ValueError(f"depth must be >= 1, got {depth}")
-        self.active_depth = depth
+        self.depth = depth
 
     @property
     def tiling(self) -> Tiling:
         """2T strided convolutions (B, T−1 × (A, B), C), each pair reaching k−1 pixels: halo T·(k−1);
         shift-averaging adds nothing (every shift's output at a pixel comes from the same window)."""
-        return Tiling(self.active_depth * (self.config.kernel_size - 1), self.config.stride)
+        return Tiling(self.depth * (self.config.kernel_size - 1), self.config.stride)
 
     def theta(self, sigma: Tensor | None, y: Tensor) -> Tensor:
         """Thresholds for the s²-shift batch of y: (1, K, 1, 1), or (B·s², K, 1, 1) when noise-adaptive."""
@@ -136,7 +129,7 @@ class CSCNet(nn.Module):
         s = self.config.stride
         if theta is None:
             theta = self.threshold.view(1, -1, 1, 1)  # (1, K, 1, 1)
-        T = self.active_depth if depth is None else depth
+        T = self.depth if depth is None else depth
         if T < 1:
             raise ValueError(f"depth must be >= 1, got {T}")
         hw = ys.shape[-2:]

@@ -25,7 +25,7 @@ Learned iteration (T unfoldings, all weights tied across t, step 1/L absorbed in
 
 DCEA-C (``dcea_c``) ties W_e = W_d = H; DCEA-UC (``dcea_uc``) learns H, W_e, W_d separately. The stride-s
 filters run on the s² shifted copies of the padded observation and η̂ is averaged over the aligned copies,
-exactly as in CSCNet (``_ops.shift_stack`` / ``shift_average``; the official code averages η̂ too).
+exactly as in CSCNet (``convops.shift_stack`` / ``shift_average``; the official code averages η̂ too).
 
 Offset μ. The official code uses μ = 0, so an untrained Poisson model starts from exp(0) = 1 count
 everywhere. Here ``mu=None`` (default) sets μ per image and channel to the natural parameter of the
@@ -68,17 +68,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparsefold.config import check
-from sparsefold.models import _ops
+from sparsefold.errors import check
 from sparsefold.models import likelihoods as lk
-from sparsefold.models._ops import (
-    Tiling,
-    conv_analysis,
-    conv_synthesis,
-    power_method,
-    shift_average,
-    shift_stack,
-)
+from sparsefold.models.convops import conv_analysis, conv_synthesis, power_method, shift_average, shift_stack
+from sparsefold.models.prox import soft_threshold
+from sparsefold.models.tiling import Tiling
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -219,7 +213,7 @@ class DCEA(nn.Module):
             if elu:
                 r = F.elu(r, alpha=cfg.peak)  # Eq. (1')
             v = conv_analysis(r, W_e, s, add=x)  # x_t + W_e r_t: (N, K, h, w)
-            x = _ops.soft_threshold(v, b) if cfg.twosided else F.relu(v - b)  # Eq. (2)
+            x = soft_threshold(v, b) if cfg.twosided else F.relu(v - b)  # Eq. (2)
             codes = [*codes, x] if keep_all else [x]
         return codes
 

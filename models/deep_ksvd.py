@@ -34,7 +34,7 @@ Default = the official training script: p=8, K=256, T=5 (``load_model.py`` uses 
 
 Differences from the official code: images here are in [0, 1]; ``forward`` maps them to the official
 [−1, 1] (y' = 2y − 1, x̂ = (x̂' + 1)/2), so σ=25 on [0, 1] is the official σ=25 on 0..255 and the clamp of
-Eq. (4) is the [0, 1] range. A negative λ_k/c means no shrinkage (θ⁺ = max(θ, 0), ``_ops.soft_threshold``)
+Eq. (4) is the [0, 1] range. A negative λ_k/c means no shrinkage (θ⁺ = max(θ, 0), ``prox.soft_threshold``)
 where the official ``sign(x)·max(|x| − θ, 0)`` would grow the codes. Grayscale only, as the paper.
 ``lambda_init=λ₀`` (not in the paper) sets W₄ = 0, b₄ = λ₀, so the untrained model is fixed-λ ISTA on the DCT
 (λ₀ = 0.7: 27.7 dB on 4 Set12 images at σ=25, against 18.9 under the official init, which barely shrinks).
@@ -48,9 +48,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from sparsefold.config import check
-from sparsefold.models._ops import Tiling, soft_threshold
+from sparsefold.errors import check
 from sparsefold.models._patches import aggregate_patches, extract_patches, overcomplete_dct
+from sparsefold.models.prox import soft_threshold
+from sparsefold.models.tiling import Tiling
 
 HIDDEN = (128, 64, 32)  # the official MLP widths
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from sparsefold.config import check
-from sparsefold.models._ops import Tiling
+from sparsefold.errors import check
+from sparsefold.models.tiling import Tiling
 
 
 @dataclass(frozen=True, kw_only=True)

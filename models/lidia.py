@@ -69,8 +69,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparsefold.config import check
-from sparsefold.models._ops import Tiling, _pad, fold_average, patch_knn
+from sparsefold.errors import check
+from sparsefold.models.convops import reflect_pad
+from sparsefold.models.neighbours import fold_average, patch_knn
+from sparsefold.models.tiling import Tiling
 
 _EVAL_CHUNK = 2048  # patches per chunk at eval (BN uses running statistics, so stages are patch-wise);
 # 8192 held ≈ 0.5 GB of stage buffers whatever the image size, as fast (trainers/tiling.py sizes tiles by it)
@@ -226,8 +228,8 @@ class LIDIA(nn.Module):
         eh, ew = -(h + q - 1) % st, -(w + q - 1) % st  # extra bottom/right pad: last reference = last patch
         m = y.mean(dim=(-2, -1), keepdim=True) if mean is None else mean
         u = 2 * (y - m)  # the paper's [−1, 1] scale, mean removed
-        u0 = _pad(u, (q, q + ew, q, q + eh))  # ũ₀: (B, C, H+2q+eh, W+2q+ew)
-        u1 = self._blur(_pad(u, (q + r + 1, q + r + 1 + ew, q + r + 1, q + r + 1 + eh)))  # ũ₁, 2r more
+        u0 = reflect_pad(u, (q, q + ew, q, q + eh))  # ũ₀: (B, C, H+2q+eh, W+2q+ew)
+        u1 = self._blur(reflect_pad(u, (q + r + 1, q + r + 1 + ew, q + r + 1, q + r + 1 + eh)))  # ũ₁, 2r more
         xs, ys = [], []
         for s, img in enumerate((u0, u1)):
             stack, feats = self._group(img, s)  # Eq. 1

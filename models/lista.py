@@ -46,9 +46,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from sparsefold.config import check
-from sparsefold.models._ops import Tiling, soft_threshold
+from sparsefold.errors import check
 from sparsefold.models._patches import aggregate_patches, extract_patches, overcomplete_dct
+from sparsefold.models.prox import soft_threshold
+from sparsefold.models.tiling import Tiling
 
 
 def lasso_objective(D: Tensor, y: Tensor, z: Tensor, lam: Tensor | float) -> Tensor:

@@ -23,24 +23,14 @@ import math
 import os
 import sys
 import traceback
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from sparsefold.config import (
-    ConfigError,
-    RunConfig,
-    check_data_paths,
-    check_output_dir,
-    config_dict,
-    run_config_from_dict,
-    sections_from_dict,
-)
+from sparsefold.config import ConfigError, load_run_config
 from sparsefold.errors import InputError, SparsefoldError
 from sparsefold.launch import add_parser as add_launch
 from sparsefold.launch import mask_secrets
 
-QUICKSTART = "quickstart.yaml"
 DEFAULT_MODEL = "cscnet"  # the bundled sigma=25 CSCNet (sparsefold/bundled/cscnet)
 
 
@@ -98,23 +88,6 @@ def cmd_shards(a: argparse.Namespace) -> int:
           + (f", skipped {skipped} unreadable (listed in index.json)" if skipped else ""), file=sys.stderr)
     print(pattern)
     return 0
-
-
-def load_run_config(config: str | None, overrides: list[str], local: bool = False) -> RunConfig:
-    """The validated run config of ``sparsefold train [CONFIG] [overrides]`` (no file: the packaged quickstart).
-
-    With ``local`` (the run starts in this process), what needs neither torch nor data is checked first, in
-    milliseconds: every section but ``model``, that local data paths exist and that ``trainer.output_dir``
-    can be written; then the model section (which imports the model registry, hence torch)."""
-    if config is None or "=" in config:  # no file: the packaged quickstart
-        overrides = ([config] if config else []) + overrides
-        config = str(resources.files("sparsefold") / "configs" / QUICKSTART)
-    d = config_dict(config, overrides)
-    if local:
-        sections = sections_from_dict(d)
-        check_data_paths(sections["data"])
-        check_output_dir(sections["trainer"])
-    return run_config_from_dict(d)
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -211,18 +184,19 @@ def cmd_denoise(a: argparse.Namespace) -> int:
 
 
 def cmd_models(a: argparse.Namespace) -> int:
-    from sparsefold.models import MODELS, build_model, count_parameters
-    from sparsefold.trainers.checkpoint import BUNDLED_DIR, is_complete, load_model, read_config
+    """Lists without building a model (a build runs the power-method init: seconds): an architecture's count
+    is its registry entry's, a bundled model's the ``params`` its config.json was bundled with (both are
+    checked against a built model by the tests)."""
+    from sparsefold.models import MODELS
+    from sparsefold.trainers.checkpoint import BUNDLED_DIR, is_complete, read_config
 
-    archs = [{"name": n, "params": count_parameters(build_model(e.config())), "summary": e.summary}
-             for n, e in MODELS.items()]
+    archs = [{"name": n, "params": e.params, "summary": e.summary} for n, e in MODELS.items()]
     bundled = []
     for d in sorted(BUNDLED_DIR.iterdir()) if BUNDLED_DIR.is_dir() else []:
         if is_complete(d):
             meta = read_config(d)
-            model, _ = load_model(d)
             noise = meta["run"]["noise"]
-            bundled.append({"name": d.name, "model": meta["model"]["name"], "params": count_parameters(model),
+            bundled.append({"name": d.name, "model": meta["model"]["name"], "params": meta["params"],
                             "noise": noise["kind"], "sigma": noise["sigma"] if noise["kind"] == "gaussian" else None,
                             "peak": noise["peak"] if noise["kind"] == "poisson" else None, "path": str(d)})
     if a.json:

@@ -18,23 +18,15 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from sparsefold.errors import InputError
-
-
-class ConfigError(InputError):
-    """A bad configuration value (exit 2). ``str(err)`` is one line that names the field; the CLI prints
-    it as ``config error: <field>: ...``."""
-
-
-def check(ok: bool, name: str, msg: str) -> None:
-    """Raise ``ConfigError("<name>: <msg>")`` unless ``ok`` (used in ``__post_init__``)."""
-    if not ok:
-        raise ConfigError(f"{name}: {msg}")
+# ConfigError and check live in the import-free errors module (the model files use them); importing them
+# here keeps ``from sparsefold.config import ConfigError, check`` working.
+from sparsefold.errors import ConfigError, check
 
 
 def is_url(path: str) -> bool:
@@ -262,7 +254,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         """Checks across sections: what the model can do vs the loss, the noise and the trainer."""
-        from sparsefold.models import MODELS  # late: models import torch
+        from sparsefold.models import MODELS  # late: the registry imports torch; config loads without it
 
         module = MODELS[self.model.name].module if self.model.name in MODELS else None
         if hasattr(self.model, "check_noise"):
@@ -401,7 +393,7 @@ def sections_from_dict(d: dict[str, Any]) -> dict[str, Any]:
 
 def run_config_from_dict(d: dict[str, Any]) -> RunConfig:
     sections = sections_from_dict(dict(d or {}))
-    from sparsefold.models import MODELS  # late: models import torch
+    from sparsefold.models import MODELS  # late: the registry imports torch; config loads without it
 
     model = d.get("model") or {}
     if not isinstance(model, dict):
@@ -546,3 +538,26 @@ def check_output_dir(trainer: TrainerConfig) -> None:
         p, why = out, f"is not a usable path ({e})"
     if why:
         raise ConfigError(f"trainer.output_dir: cannot write {out!r}: {p} {why}; choose a folder you can write to")
+
+
+# ------------------------------------------------------------------------------------------------
+# The run config of ``sparsefold train`` (and of ``sparsefold launch``, which validates the same way).
+
+QUICKSTART = "quickstart.yaml"  # the packaged default config (sparsefold/configs/)
+
+
+def load_run_config(config: str | None, overrides: list[str], local: bool = False) -> RunConfig:
+    """The validated run config of ``sparsefold train [CONFIG] [overrides]`` (no file: the packaged quickstart).
+
+    With ``local`` (the run starts in this process), what needs neither torch nor data is checked first, in
+    milliseconds: every section but ``model``, that local data paths exist and that ``trainer.output_dir``
+    can be written; then the model section (which imports the model registry, hence torch)."""
+    if config is None or "=" in config:  # no file: the packaged quickstart
+        overrides = ([config] if config else []) + overrides
+        config = str(resources.files("sparsefold") / "configs" / QUICKSTART)
+    d = config_dict(config, overrides)
+    if local:
+        sections = sections_from_dict(d)
+        check_data_paths(sections["data"])
+        check_output_dir(sections["trainer"])
+    return run_config_from_dict(d)

@@ -52,7 +52,10 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from sparsefold.config import ConfigError, is_url
+import yaml
+
+from sparsefold.config import ConfigError, is_url, load_run_config
+from sparsefold.sweeps.spec import load_spec
 
 SUBPACKAGES = ("models", "datasets", "trainers", "sweeps")  # = pyproject's packages (tests/test_launch.py)
 ROOT_FILES = ("pyproject.toml", "README.md")  # from the checkout's top level
@@ -179,8 +182,6 @@ def _only_relative(spec: str) -> list[str]:
 def check_train(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
     """Validate a training config as ``sparsefold train`` would, plus what a cluster needs; returns the
     config file (None: the packaged quickstart) and the overrides. Raises ConfigError."""
-    from sparsefold.cli import load_run_config
-
     if config is not None and "=" in config:
         config, overrides = None, [config, *overrides]
     cfg = load_run_config(config, overrides)
@@ -199,10 +200,6 @@ def check_train(config: str | None, overrides: list[str]) -> tuple[str | None, l
 
 def check_sweep(spec: str | None, overrides: list[str]) -> None:
     """Validate a sweep spec as ``sparsefold sweep`` would; its storage must be absolute. Raises ConfigError."""
-    import yaml
-
-    from sparsefold.sweeps.spec import load_spec
-
     if spec is None or "=" in spec:
         raise ConfigError("spec: --sweep needs a sweep spec file")
     load_spec(spec, overrides)
@@ -216,8 +213,6 @@ def check_sweep(spec: str | None, overrides: list[str]) -> None:
 
 def runtime_env(working_dir: Path, env: list[str], extra: str | None) -> dict[str, Any]:
     """The job's runtime_env: the staged working_dir, JOB_ENV < ``--runtime-env FILE`` < ``--env``."""
-    import yaml
-
     out: dict[str, Any] = {}
     if extra:
         out = yaml.safe_load(Path(extra).read_text()) or {}

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from sparsefold.sweeps.spec import SweepSpec
+from sparsefold.sweeps.spec import SweepSpec, saved_spec
 
 # Published PSNR (dB) of the reference denoisers per test set and σ (reference sheet §6).
 REFERENCES = {
@@ -236,7 +236,6 @@ def make_report(sweep_dir: Path, test_dir: Path | None = None, images: int = 0, 
                 repeats: int = 5, out: Path | None = None, wandb_mode: str | None = None) -> dict[str, Any]:
     """Write report.{csv,md,json} and pareto.png into ``out`` (default ``<sweep_dir>/report``)."""
     from sparsefold.datasets import list_images
-    from sparsefold.sweeps.runner import saved_spec
 
     sweep_dir = Path(sweep_dir).resolve()
     spec = saved_spec(sweep_dir)

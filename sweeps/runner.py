@@ -24,15 +24,15 @@ import json
 import math
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from sparsefold.config import ConfigError
-from sparsefold.sweeps.spec import SweepSpec, spec_from_dict
+from sparsefold.sweeps.report import collect_trials, compute_savings
+from sparsefold.sweeps.spec import SPEC_FILE, SweepSpec
 
-SPEC_FILE, SUMMARY_FILE = "sweep_spec.json", "summary.json"
+SUMMARY_FILE = "summary.json"
 
 
 class ForwardToTune(TuneReportCallback):
@@ -105,16 +105,6 @@ def first_difference(a: Any, b: Any, path: str = "") -> str | None:
     return None if a == b else f"{path} ({a!r} vs {b!r})"
 
 
-def saved_spec(sweep_dir: Path) -> SweepSpec:
-    """The resolved spec a sweep dir was started with."""
-    f = Path(sweep_dir) / SPEC_FILE
-    if not Path(sweep_dir).is_dir():
-        raise ConfigError(f"sweep_dir: no such directory {str(sweep_dir)!r}")
-    if not f.is_file():
-        raise ConfigError(f"sweep_dir: {sweep_dir} has no {SPEC_FILE} (not a sparsefold sweep)")
-    return spec_from_dict(json.loads(f.read_text()))
-
-
 def init_local_ray(num_cpus: int | None = None, env: dict[str, str] | None = None, **kwargs: Any) -> None:
     """Start a local Ray cluster whose processes know its own State API (dashboard) address.
 
@@ -162,7 +152,6 @@ def run_sweep(spec: SweepSpec, retry_errored: bool = False) -> dict[str, Any]:
     """Run (or resume) the sweep; returns the summary written to ``<sweep dir>/summary.json``."""
     from ray import tune
 
-    from sparsefold.sweeps.report import collect_trials, compute_savings
     from sparsefold.trainers.ray_train import preflight
 
     sweep_dir = spec.sweep_dir
@@ -205,8 +194,6 @@ def log_summary(spec: SweepSpec, trials: list[dict]) -> None:
     if mode == "disabled" or not trials:
         return
     import wandb
-
-    from sparsefold.sweeps.report import compute_savings
 
     keys = [d.key for d in spec.space]
     cols = ["trial_id", "status", *keys, "steps", "max_steps", "best_val_psnr", "best_step"]

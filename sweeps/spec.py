@@ -39,7 +39,15 @@ from typing import Any
 
 import yaml
 
-from sparsefold.config import SECTIONS, ConfigError, RunConfig, apply_overrides, check, dataclass_from_dict
+from sparsefold.config import (
+    SECTIONS,
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    check,
+    dataclass_from_dict,
+    to_dict,
+)
 
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 METRICS = ("val_psnr", "val/ssim")
@@ -47,6 +55,7 @@ SET_BY_SWEEP = {"trainer.use_ray", "trainer.workers", "trainer.cpus_per_worker",
                 "trainer.output_dir", "trainer.run_name", "trainer.progress", "trainer.resume", "wandb.group"}
 SPEC_KEYS = ("name", "storage", "base", "space", "search", "scheduler", "resources",
              "max_concurrent_trials", "max_failures")
+SPEC_FILE = "sweep_spec.json"  # the resolved spec, saved in the sweep dir (read back by the report and resume)
 MAX_PROBES = 4096  # crossed probe points checked; above that each key is checked alone
 
 
@@ -252,8 +261,6 @@ class SweepSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """The spec in its YAML shape with the base inline (saved in the sweep dir; reloadable)."""
-        from sparsefold.config import to_dict
-
         out = {k: getattr(self, k) for k in ("name", "storage", "base", "max_concurrent_trials", "max_failures")}
         out["space"] = {d.key: {d.kind: list(d.values)} for d in self.space}
         out.update({k: to_dict(getattr(self, k)) for k in ("search", "scheduler", "resources")})
@@ -371,3 +378,13 @@ def load_spec(ref: str | Path, overrides: list[str] | tuple = ()) -> SweepSpec:
     except yaml.YAMLError as e:
         raise ConfigError(f"spec: {p} is not valid YAML ({str(e).splitlines()[0]})") from None
     return spec_from_dict(d, p.resolve().parent, overrides)
+
+
+def saved_spec(sweep_dir: Path) -> SweepSpec:
+    """The resolved spec a sweep dir was started with."""
+    f = Path(sweep_dir) / SPEC_FILE
+    if not Path(sweep_dir).is_dir():
+        raise ConfigError(f"sweep_dir: no such directory {str(sweep_dir)!r}")
+    if not f.is_file():
+        raise ConfigError(f"sweep_dir: {sweep_dir} has no {SPEC_FILE} (not a sparsefold sweep)")
+    return spec_from_dict(json.loads(f.read_text()))

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 
 from sparsefold.config import ConfigError, dataclass_from_dict
 from sparsefold.models import MODELS, CDLNet, CDLNetConfig, count_parameters
-from sparsefold.models._ops import estimate_sigma, power_method
 from sparsefold.models.cdlnet import POWER_ITERS, POWER_SIZE, analysis, conv_ista, synthesis
+from sparsefold.models.convops import power_method
+from sparsefold.models.noise_level import estimate_sigma
 
 f64 = torch.float64
 SET12 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "set12"

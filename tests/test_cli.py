@@ -1,4 +1,6 @@
-"""The README's commands, run as a user runs them (subprocess, `python -m sparsefold`)."""
+"""The README's commands, run as a user runs them: in-process through ``sparsefold.cli.main`` (the same
+parser, dispatch and error policy as the console script, without a fresh interpreter and torch import per
+command), plus one subprocess smoke test of the installed ``sparsefold`` entry point."""
 
 from __future__ import annotations
 
@@ -6,31 +8,51 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from sparsefold.cli import main
 from sparsefold.trainers.checkpoint import BUNDLED_DIR, is_complete
 
 
-def run(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "sparsefold", *args], cwd=cwd, capture_output=True, text=True,
-                       timeout=1200)
-    if check and p.returncode != 0:
-        raise AssertionError(f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr[-3000:]}")
-    return p
+@pytest.fixture
+def run(capsys, monkeypatch):
+    """``run(*args, cwd=..., check=True)``: ``sparsefold ARGS`` in this process, from ``cwd``; returns
+    (returncode, stdout, stderr) like a finished subprocess."""
+    def _run(*args: str, cwd: Path, check: bool = True) -> SimpleNamespace:
+        monkeypatch.chdir(cwd)
+        capsys.readouterr()  # drop what earlier calls printed
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        if check and code != 0:
+            raise AssertionError(f"exit {code}\nstdout:\n{out}\nstderr:\n{err[-3000:]}")
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+    return _run
 
 
 def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def test_train_evaluate_denoise_from_the_cli(tmp_path, cache_dir):
+def test_installed_entry_point_smoke(tmp_path):
+    """The console script itself (one subprocess each: it is the only test that pays for a fresh interpreter)."""
+    exe = Path(sys.executable).with_name("sparsefold")
+    ok = subprocess.run([str(exe), "models", "--json"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert any(b["name"] == "cscnet" for b in last_json(ok.stdout)["bundled"])
+    bad = subprocess.run([str(exe), "train", "model.stride=99"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and "model.stride" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_train_evaluate_denoise_from_the_cli(tmp_path, cache_dir, run):
     # The README's main command with a tiny step count (the packaged quickstart config).
     p = run("train", "trainer.max_steps=6", "trainer.val_every=6", "data.val=builtin:skimage", "data.val_images=1",
             f"data.cache_dir={cache_dir}", f"trainer.output_dir={tmp_path / 'runs'}", "trainer.run_name=cli",
-            "data.num_workers=0", cwd=tmp_path)
+            "data.num_workers=0", "wandb.mode=disabled", cwd=tmp_path)
     out = last_json(p.stdout)
     assert {"checkpoint", "steps", "seconds", "val_psnr"} <= set(out) and out["steps"] == 6
     ckpt = Path(out["checkpoint"])
@@ -54,7 +76,7 @@ def test_train_evaluate_denoise_from_the_cli(tmp_path, cache_dir):
     assert Image.open(outs[0]).size == (52, 40)
 
 
-def test_shards_command(tmp_path):
+def test_shards_command(tmp_path, run):
     imgs = tmp_path / "imgs"
     imgs.mkdir()
     for i in range(5):
@@ -65,7 +87,7 @@ def test_shards_command(tmp_path):
     assert json.loads((tmp_path / "sh" / "index.json").read_text())["total"] == 5
 
 
-def test_models_json_and_bad_input(tmp_path):
+def test_models_json_and_bad_input(tmp_path, run):
     info = last_json(run("models", "--json", cwd=tmp_path).stdout)
     names = {a["name"]: a["params"] for a in info["architectures"]}
     assert names["cscnet"] == 63_700 and names["dncnn"] == 556_096
@@ -75,12 +97,8 @@ def test_models_json_and_bad_input(tmp_path):
     assert missing.returncode == 2 and "nope" in missing.stderr
 
 
-def test_bundled_default_model_denoises(tmp_path):
-    from sparsefold.trainers.checkpoint import BUNDLED_DIR
-
+def test_bundled_default_model_denoises(tmp_path, run):
     if not (BUNDLED_DIR / "cscnet" / "model.safetensors").is_file():
-        import pytest
-
         pytest.fail("the bundled cscnet checkpoint is missing from sparsefold/bundled/cscnet")
     img = tmp_path / "x.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (33, 47), dtype=np.uint8)).save(img)
@@ -112,7 +130,7 @@ def photo_dir(tmp_path_factory):
     return d
 
 
-def test_every_family_is_bundled_and_listed(tmp_path):
+def test_every_family_is_bundled_and_listed(tmp_path, run):
     listed = {b["name"]: b for b in last_json(run("models", "--json", cwd=tmp_path).stdout)["bundled"]}
     assert sorted(listed) == BUNDLED
     for family in FAMILIES:
@@ -123,9 +141,11 @@ def test_every_family_is_bundled_and_listed(tmp_path):
 
 
 @pytest.mark.parametrize("name", BUNDLED)
-def test_bundled_model_evaluates_and_denoises_by_name(name, photo_dir, tmp_path):
+def test_bundled_model_evaluates_and_denoises_by_name(name, photo_dir, tmp_path, run):
     res = last_json(run("evaluate", name, str(photo_dir), cwd=tmp_path).stdout)  # the checkpoint's own noise
     assert res["images"] == 1 and np.isfinite(res["psnr"])
+    listed = {b["name"]: b for b in last_json(run("models", "--json", cwd=tmp_path).stdout)["bundled"]}
+    assert listed[name]["params"] == res["params"], "the count `models` lists (config.json) != the loaded model's"
     assert res["psnr"] >= res["input_psnr"] + MARGIN_DB, (name, res["psnr"], res["input_psnr"])
     assert res["psnr"] >= untrained_psnr(name, photo_dir) + OVER_INIT_DB, name
     args = ["--sigma", "25"] if res["noise"] == "gaussian" else []

@@ -76,7 +76,7 @@ def test_nll_in_the_data_modules_units(kind: str) -> None:
 
 
 def reference_codes(cfg: DCEAConfig, H: torch.Tensor, b: torch.Tensor, cs: torch.Tensor, mu: torch.Tensor):
-    """x ← ReLU(x + Hᵀ ρ(c − f⁻¹(H x + μ)) − b) from x = 0, with library convolutions (no _ops)."""
+    """x ← ReLU(x + Hᵀ ρ(c − f⁻¹(H x + μ)) − b) from x = 0, with library convolutions (not models/convops.py)."""
     x = torch.zeros(cs.shape[0], H.shape[0], (cs.shape[2] - cfg.kernel_size) // cfg.stride + 1,
                     (cs.shape[3] - cfg.kernel_size) // cfg.stride + 1, dtype=cs.dtype)
     out = []

@@ -25,8 +25,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import sparsefold.trainers.loop as loop
-from sparsefold.cli import load_run_config
-from sparsefold.config import load_config
+from sparsefold.config import load_config, load_run_config
 from sparsefold.trainers.checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -290,23 +289,12 @@ def test_killed_driver_resumes_latest_checkpoint_when_started_again(fast, tmp_pa
 
 
 # ------------------------------------------------------------------ Ray: SIGKILL one DDP worker
-@pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    ray = pytest.importorskip("ray")
-    fault = tmp_path_factory.mktemp("fault")
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
-    ray.init(num_cpus=2, include_dashboard=None, log_to_driver=False,
-             runtime_env={"env_vars": {"WANDB_MODE": "offline", "RAY_CHDIR_TO_TRIAL_DIR": "0",
-                                       "SPARSEFOLD_FAULT_DIR": str(fault)}})
-    yield ray, fault
-    ray.shutdown()
-
-
+# (on the session cluster of conftest.py, whose workers have SPARSEFOLD_FAULT_DIR set)
 @pytest.mark.ray
 def test_sigkill_one_ddp_worker_resumes_latest_and_matches_uninterrupted(ray_cluster, fast, tmp_path):
     from sparsefold.trainers.ray_train import fit
 
-    _, fault = ray_cluster
+    fault = ray_cluster.fault_dir
     over = fast + ["trainer.use_ray=true", "trainer.workers=2", "trainer.cpus_per_worker=0.9", "trainer.max_steps=12",
                    "trainer.val_every=12", "trainer.max_failures=1", "data.num_workers=1"]
     ref = fit(load_config(None, over + ["trainer.run_name=ref"]))

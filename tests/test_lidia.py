@@ -1,4 +1,4 @@
-"""LIDIA-lite (models/lidia.py) and its non-local operators (models/_ops.py) against references written here:
+"""LIDIA-lite (models/lidia.py) and its non-local operators (models/neighbours.py) against references written here:
 a brute-force neighbour search, constant images through the fold-average-unfold aggregations, the gathered
 neighbour stacks against the search's distances, translation equivariance, and the official parameter
 counts (61,589 gray / 40,226 LIDIA-S / 94,067 colour, read from the released checkpoints).
@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from sparsefold.config import ConfigError
 from sparsefold.models import MODELS, build_model, count_parameters
 from sparsefold.models import lidia as lidia_mod
-from sparsefold.models._ops import fold_average, patch_knn
 from sparsefold.models.lidia import LIDIA, LIDIAConfig
+from sparsefold.models.neighbours import fold_average, patch_knn
 
 TINY = dict(window=7, neighbours=6, width=8, weight_layers=2)  # fast, same code paths
 

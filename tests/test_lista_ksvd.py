@@ -13,10 +13,10 @@ import torch
 
 from sparsefold.config import ConfigError
 from sparsefold.models import MODELS, build_model, count_parameters
-from sparsefold.models._ops import soft_threshold
 from sparsefold.models._patches import aggregate_patches, extract_patches, fold_patches, overcomplete_dct
 from sparsefold.models.deep_ksvd import DeepKSVD, DeepKSVDConfig
 from sparsefold.models.lista import LISTA, LISTAConfig, initial_dictionary, ista, lasso_objective
+from sparsefold.models.prox import soft_threshold
 
 f64 = torch.float64
 

@@ -16,16 +16,15 @@ import torch
 import torch.nn.functional as F
 
 from sparsefold.models import CSCNet, CSCNetConfig, DnCNN, DnCNNConfig
-from sparsefold.models._ops import (
-    _SoftThreshold,
+from sparsefold.models.convops import (
     conv_analysis,
     conv_synthesis,
     power_method,
     shift_average,
     shift_geometry,
     shift_stack,
-    soft_threshold,
 )
+from sparsefold.models.prox import _SoftThreshold, soft_threshold
 
 f64 = torch.float64
 

@@ -1,11 +1,11 @@
 """Ray Train DDP: the same loop on 2 workers (gloo), one report per validation with a checkpoint.
 
-One local Ray cluster for the module; each `fit` costs ~30 s on 2 cores, so there is only one fit here.
+The session's one local Ray cluster (conftest.py); each `fit` costs ~30 s on 2 cores, so there is only one fit
+here.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -13,16 +13,6 @@ import pytest
 from sparsefold.config import load_config
 
 pytestmark = pytest.mark.ray
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    ray = pytest.importorskip("ray")
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
-    ray.init(num_cpus=2, include_dashboard=None, log_to_driver=False,
-             runtime_env={"env_vars": {"WANDB_MODE": "offline", "RAY_CHDIR_TO_TRIAL_DIR": "0"}})
-    yield ray
-    ray.shutdown()
 
 
 def test_two_worker_ddp(ray_cluster, tiny_overrides, tmp_path):

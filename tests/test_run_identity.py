@@ -84,10 +84,9 @@ def _last_json(capsys) -> dict:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_plain_and_ray_runs_of_a_relative_path_config_keep_to_their_own_directories(
-        tiny_overrides, tmp_path, monkeypatch, capsys):
+        tiny_overrides, tmp_path, monkeypatch, capsys, ray_cluster):
     """The issue's acceptance test, through the CLI: `sparsefold train` plain, then with trainer.use_ray=true,
     on a config with relative data and output paths; then `sparsefold evaluate <run_dir>` of the Ray run."""
-    ray = pytest.importorskip("ray")
     from sparsefold.cli import main
 
     monkeypatch.chdir(tmp_path)
@@ -97,12 +96,7 @@ def test_plain_and_ray_runs_of_a_relative_path_config_keep_to_their_own_director
         "data.val_images=1", "data.patch_size=32", "data.batch_size=2", "wandb.mode=disabled"]
     assert main(["train", *over]) == 0
     plain = _last_json(capsys)
-    ray.init(num_cpus=2, include_dashboard=None, log_to_driver=False,
-             runtime_env={"env_vars": {"WANDB_MODE": "disabled"}})
-    try:
-        assert main(["train", *over, "trainer.use_ray=true", "trainer.cpus_per_worker=0.9"]) == 0
-    finally:
-        ray.shutdown()
+    assert main(["train", *over, "trainer.use_ray=true", "trainer.cpus_per_worker=0.9"]) == 0
     out = _last_json(capsys)
 
     runs = tmp_path / "runs"

@@ -15,7 +15,8 @@ from sparsefold.trainers.loop import lr_at, train
 
 
 def test_loss_falls_on_real_images(tiny_overrides):
-    cfg = load_config(None, tiny_overrides + ["trainer.max_steps=60", "trainer.val_every=60", "trainer.run_name=learn"])
+    cfg = load_config(None, tiny_overrides + ["trainer.max_steps=60", "trainer.val_every=60", "trainer.run_name=learn",
+                                             "wandb.mode=offline"])
     out = train(cfg)
     assert out["steps"] == 60 and out["skipped"] == 0
     # sigma=25 noisy input scores ~20.2 dB; a model that learned nothing stays near it.

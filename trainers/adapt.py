@@ -15,7 +15,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from sparsefold.models._ops import estimate_sigma
+from sparsefold.models.noise_level import estimate_sigma
 
 
 def adapt_to_image(model: nn.Module, noisy: Tensor, sigma: float | None = None, steps: int = 20,

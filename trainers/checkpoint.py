@@ -5,7 +5,8 @@ Layout of one checkpoint directory::
 
     model.safetensors     model weights (safetensors; tensors only)
     config.json           {"model": {...}, "run": {...full RunConfig...}, "format": 1}
-    state.json            {"step", "epoch", "batch_in_epoch", "lr_scale", "rollbacks", "metrics", ...}
+    state.json            {"step", "epoch", "batch_in_epoch", "lr_scale", "rollbacks", "metrics", ...}:
+                          the fields of trainers/loop.py:TrainState
     optimizer.pt          optimizer state_dict (tensors + numbers), loaded with weights_only=True
     manifest.json         {"format": 1, "files": {name: {"sha256", "bytes"}}}, written last
 

@@ -12,6 +12,10 @@ for bit on CPU. A non-finite loss or gradient (decided on all ranks at once) ski
 ``trainer.rollback_after`` such steps in a row restore the last checkpoint (kept in memory) and multiply
 the learning rate by ``trainer.rollback_lr_factor``. Only a healthy state is checkpointed (and becomes
 the rollback target; see :func:`unhealthy`), so the newest checkpoint is always the last healthy one.
+
+Parts, each testable on its own (tests/test_loop_steps.py): :class:`TrainState` (what ``state.json``
+holds), :func:`train_step`, :func:`roll_back`, :func:`checkpoint` (validation, health gate, checkpoint or
+Ray report); :func:`train` strings them together, the objects of one run held in a :class:`Run`.
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -43,7 +48,7 @@ from sparsefold.datasets import (
 from sparsefold.datasets.patches import stable_seed
 from sparsefold.errors import RunError
 from sparsefold.models import build_model, count_parameters
-from sparsefold.runtime import canonical_paths, runtime_for, staging_root
+from sparsefold.runtime import Runtime, canonical_paths, runtime_for, staging_root
 from sparsefold.trainers.checkpoint import (
     check_resume_config,
     fault_hook,
@@ -55,7 +60,7 @@ from sparsefold.trainers.checkpoint import (
 from sparsefold.trainers.evaluate import evaluate_images
 from sparsefold.trainers.losses import Objective
 from sparsefold.trainers.runlock import run_lock
-from sparsefold.trainers.tracking import make_tracker, model_panels
+from sparsefold.trainers.tracking import NullTracker, make_tracker, model_panels
 
 
 @dataclass
@@ -68,6 +73,43 @@ class Dist:
     wrap: Callable[[nn.Module], nn.Module] = lambda m: m  # DDP wrapping (Ray: prepare_model)
     report: Callable[[dict, Path | None], None] | None = None  # Ray: ray.train.report with a checkpoint
     resume_from: Path | None = None  # Ray: the checkpoint get_checkpoint() restored
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: what every checkpoint's ``state.json`` holds (this class defines both), and
+    what a rollback restores. A resumed run continues from it: step, data position, counters, lr scale."""
+
+    step: int = 0  # steps taken, skipped ones included
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of ``epoch`` already used: where the data continues
+    samples: int = 0  # training samples seen, all ranks
+    skipped: int = 0  # unreadable samples the loader dropped
+    seconds: float = 0.0  # wall time, resumed parts included
+    nonfinite_steps: int = 0  # steps skipped for a non-finite loss or gradient
+    rollbacks: int = 0
+    lr_scale: float = 1.0  # trainer.rollback_lr_factor ** rollbacks
+    cpu_seconds: float = 0.0  # CPU time (see :class:`Clock`), resumed parts included
+    metrics: dict[str, float] = field(default_factory=dict)  # the latest validation of this process
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainState:
+        """From a ``state.json``: a key it lacks keeps its default (an older checkpoint), a key this class
+        does not know is ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``state.json`` of a checkpoint."""
+        return asdict(self)
+
+    def advance(self, epoch: int, index: int, samples: int, skipped: int, finite: bool) -> None:
+        """Count one step that used batch ``index`` of ``epoch`` (``samples`` over all ranks)."""
+        self.step += 1
+        self.epoch, self.batch_in_epoch = epoch, index + 1
+        self.samples += samples
+        self.skipped += skipped
+        self.nonfinite_steps += int(not finite)
 
 
 def default_run_name(cfg: RunConfig) -> str:
@@ -202,196 +244,334 @@ def unhealthy(cfg: RunConfig, model: nn.Module, rt: Any, batch: tuple[torch.Tens
     return None if all_finite(loss, world_size) else "its weights give a non-finite loss"
 
 
-def diverged(cfg: RunConfig, state: dict, streak: int, good_step: int, last_ckpt: Path | None) -> RunError:
+def diverged(cfg: RunConfig, state: TrainState, streak: int, good_step: int, last_ckpt: Path | None) -> RunError:
     """The one-line error that ends a run after ``trainer.max_rollbacks`` rollbacks."""
     where = f" ({last_ckpt}, the newest checkpoint on disk)" if last_ckpt else ""
-    return RunError(f"training diverged: {streak} consecutive non-finite steps at step {state['step']} after "
-                    f"{state['rollbacks']} rollbacks (trainer.max_rollbacks={cfg.trainer.max_rollbacks}); last healthy "
+    return RunError(f"training diverged: {streak} consecutive non-finite steps at step {state.step} after "
+                    f"{state.rollbacks} rollbacks (trainer.max_rollbacks={cfg.trainer.max_rollbacks}); last healthy "
                     f"state: step {good_step}{where}; lower optim.lr (now {cfg.optim.lr:g}) or set optim.grad_clip "
                     f"(now {cfg.optim.grad_clip:g}; e.g. 1)")
 
 
-def snapshot(model: nn.Module, opt: torch.optim.Optimizer, state: dict) -> tuple[dict, dict, dict]:
-    """In-memory copy of what a checkpoint holds (weights, optimizer, state), the rollback target."""
-    return ({k: v.detach().clone() for k, v in model.state_dict().items()}, copy.deepcopy(opt.state_dict()),
-            copy.deepcopy(state))
+class Snapshot(NamedTuple):
+    """In-memory copy of what a checkpoint holds (weights, optimizer, state): the rollback target."""
+
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    state: TrainState
 
 
-def train(cfg: RunConfig, dist: Dist | None = None) -> dict[str, Any]:
-    """Train ``cfg`` to ``trainer.max_steps``; returns {checkpoint, steps, seconds, val_psnr, ...}.
-
-    Rank 0 of the plain path holds the run lock (trainers/runlock.py) for the whole run, taken before
-    anything in the run directory is read or written; under Ray the driver holds it (ray_train.fit)."""
-    dist = dist or Dist()
-    if dist.report is not None or dist.rank != 0:
-        return _train(cfg, dist)
-    with run_lock(run_dir_of(cfg)):
-        return _train(cfg, dist)
+def snapshot(model: nn.Module, opt: torch.optim.Optimizer, state: TrainState) -> Snapshot:
+    """A :class:`Snapshot` of the current weights, optimizer and state (copies: later steps do not move it)."""
+    return Snapshot({k: v.detach().clone() for k, v in model.state_dict().items()}, copy.deepcopy(opt.state_dict()),
+                    copy.deepcopy(state))
 
 
-def _train(cfg: RunConfig, dist: Dist) -> dict[str, Any]:
-    """The loop of :func:`train`."""
-    t, main = cfg.trainer, dist.rank == 0
+class StepResult(NamedTuple):
+    """What one :func:`train_step` did."""
+
+    loss: torch.Tensor  # the loss of the weights before the update
+    finite: bool  # stepped: the loss and the gradients were finite on every rank
+    grad_norm: float | None  # gradient norm before clipping; None when a non-finite loss skipped the backward
+
+
+def train_step(net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, batch: tuple[torch.Tensor, ...],
+               lr: float, *, grad_clip: float = 0.0, scaler: torch.amp.GradScaler | None = None,
+               autocast: Callable[[], AbstractContextManager] = nullcontext, world_size: int = 1) -> StepResult:
+    """One optimizer step at learning rate ``lr`` of ``net`` (the loss module around ``model``, DDP-wrapped
+    under Ray) on ``batch`` = (noisy, clean, sigma): forward, backward, clip at ``grad_clip`` (0: no clipping),
+    update, then the model's constraints (``project_``, e.g. CDLNet: τ ≥ 0, filters in the unit ball).
+
+    A non-finite loss on any rank skips the backward, a finite loss with non-finite gradients the update
+    (gradients are all-reduced: the same decision on every rank); either way the weights and the optimizer
+    are untouched and the result says ``finite=False``. With fp16's ``scaler`` the scaler skips such steps."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    net.train()
+    with autocast():
+        loss = net(*batch)  # loss.kind, see trainers/losses.py
+    opt.zero_grad(set_to_none=True)
+    if not all_finite(loss, world_size):
+        return StepResult(loss, False, None)
+    (scaler.scale(loss) if scaler else loss).backward()
+    if scaler:
+        scaler.unscale_(opt)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf))
+    if scaler:
+        scaler.step(opt)
+        scaler.update()
+    elif math.isfinite(grad_norm):
+        opt.step()
+    else:
+        return StepResult(loss, False, grad_norm)
+    if hasattr(model, "project_"):
+        model.project_()
+    return StepResult(loss, True, grad_norm)
+
+
+def roll_back(model: nn.Module, opt: torch.optim.Optimizer, good: Snapshot, state: TrainState,
+              lr_factor: float) -> TrainState:
+    """Restore ``good``'s weights and optimizer into ``model`` and ``opt``; return its state (step, data
+    position, ...) with the run's own counters carried over: ``nonfinite_steps`` and the latest validation
+    ``metrics`` kept, one more rollback, ``lr_scale`` multiplied by ``lr_factor``."""
+    model.load_state_dict(good.weights)
+    opt.load_state_dict(copy.deepcopy(good.optimizer))  # a copy: the optimizer would share the tensors
+    return replace(copy.deepcopy(good.state), nonfinite_steps=state.nonfinite_steps, metrics=state.metrics,
+                   rollbacks=state.rollbacks + 1, lr_scale=state.lr_scale * lr_factor)
+
+
+@dataclass
+class Clock:
+    """Wall and CPU seconds of a run, those of the processes it resumed from included."""
+
+    cpu_base: float = 0.0  # CPU seconds of the resumed runs
+    wall0: float = field(default_factory=time.perf_counter)  # when the run would have started, uninterrupted
+    cpu0: float = field(default_factory=_cpu_seconds)
+    window_t: float = field(default_factory=time.perf_counter)  # throughput window: start, samples since
+    window_n: int = 0
+
+    @classmethod
+    def resumed(cls, state: TrainState) -> Clock:
+        """Clocks starting now, continuing those of ``state``."""
+        return cls(cpu_base=state.cpu_seconds, wall0=time.perf_counter() - state.seconds)
+
+    def cpu(self) -> float:
+        """CPU time of this process and its finished loader workers, plus the resumed runs'."""
+        return self.cpu_base + _cpu_seconds() - self.cpu0
+
+    def wall(self) -> float:
+        return time.perf_counter() - self.wall0
+
+    def samples_per_s(self) -> float:
+        """Samples per second since the previous call; starts a new window."""
+        now = time.perf_counter()
+        rate = self.window_n / (now - self.window_t)
+        self.window_t, self.window_n = now, 0
+        return rate
+
+
+@dataclass
+class Run:
+    """One run's model, optimizer and state, and where its results go: what the parts of the loop share."""
+
+    cfg: RunConfig
+    dist: Dist
+    rt: Runtime
+    run_dir: Path
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    state: TrainState
+    good: Snapshot  # the rollback target: the last healthy checkpoint (or the start)
+    last_ckpt: Path | None = None  # the newest checkpoint written (plain path) or resumed from
+    resumed_from: int | None = None  # the step this process resumed at
+    streak: int = 0  # non-finite steps in a row
+    tracker: NullTracker = field(default_factory=NullTracker)
+    val: list[Path] = field(default_factory=list)  # validation images (rank 0)
+    bar: Any = None  # tqdm progress bar (rank 0, trainer.progress)
+    clock: Clock = field(default_factory=Clock)
+
+    @property
+    def main(self) -> bool:
+        return self.dist.rank == 0
+
+    def say(self, line: str) -> None:
+        """Print one ``[sparsefold]`` line on stderr (rank 0), above the progress bar if there is one."""
+        if not self.main:
+            return
+        line = f"[sparsefold] {line}"
+        self.bar.write(line, file=sys.stderr) if self.bar is not None else print(line, file=sys.stderr, flush=True)
+
+
+def start(cfg: RunConfig, dist: Dist) -> Run:
+    """Model and optimizer, resumed from the run's latest checkpoint (announced; refused with
+    ``trainer.resume=false``) or from ``dist.resume_from`` (Ray: ray_train.py decides), else fresh."""
+    t = cfg.trainer
     rt = runtime_for(t, dist.local_rank)  # device, autocast dtype, compile, channels-last
     run_dir = run_dir_of(cfg)
-    run_name = run_dir.name
-    ckpt_dir = run_dir / "checkpoints"
     torch.manual_seed(t.seed)
-
     model = rt.place(build_model(cfg.model))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples": 0, "skipped": 0, "seconds": 0.0,
-             "nonfinite_steps": 0, "rollbacks": 0, "lr_scale": 1.0}
-    latest = latest_checkpoint(ckpt_dir) if dist.report is None else None  # Ray: ray_train.py decides
+    state = TrainState()
+    latest = latest_checkpoint(run_dir / "checkpoints") if dist.report is None else None
     if not t.resume and latest is not None:
         raise FileExistsError(f"{run_dir} already holds checkpoints; pick another trainer.run_name or "
                               "set trainer.resume=true to continue it")
     resume = dist.resume_from or (latest if t.resume else None)
     if resume is not None:
         check_resume_config(resume, cfg.to_dict())  # one trajectory per run directory
-        state.update(load_training_state(resume, model, opt))
-        if main:
-            print(f"[sparsefold] resuming run {run_name} from step {state['step']} ({resume})"
-                  + (f", lr scale {state['lr_scale']:g}" if state["lr_scale"] != 1 else ""), file=sys.stderr)
-    resumed_from, good, streak = (state["step"] if resume is not None else None), snapshot(model, opt, state), 0
-    fault_hook("start", dist.rank, state["step"])
-    net = rt.compiled(dist.wrap(Objective(model, cfg.loss, cfg.noise)))  # DDP wraps model + loss (multilayer, nll)
+        state = replace(TrainState.from_dict(load_training_state(resume, model, opt)), metrics={})  # validate anew
+    run = Run(cfg, dist, rt, run_dir, model, opt, state, snapshot(model, opt, state), last_ckpt=resume,
+              resumed_from=state.step if resume is not None else None)
+    if resume is not None:
+        run.say(f"resuming run {run_dir.name} from step {state.step} ({resume})"
+                + (f", lr scale {state.lr_scale:g}" if state.lr_scale != 1 else ""))
+    fault_hook("start", dist.rank, state.step)
+    return run
 
+
+def open_data(cfg: RunConfig, dist: Dist) -> tuple[PatchStream, int]:
+    """This rank's training stream, and the number of images left out of the shards (``data/skipped``)."""
     urls = train_urls(cfg.data)
-    unreadable = skipped_while_sharding(urls)  # images left out of the shards: part of data/skipped
     check_shard_count(urls, dist.world_size, cfg.data.num_workers, cfg.data.resampled)
-    ds = PatchStream(urls, cfg.data, cfg.noise, seed=t.seed, rank=dist.rank, world_size=dist.world_size)
-    stream = batches(ds, make_loader(ds, cfg.data), state["epoch"], state["batch_in_epoch"])
-    val = val_files(cfg.data)[: cfg.data.val_images] if main else []
+    ds = PatchStream(urls, cfg.data, cfg.noise, seed=cfg.trainer.seed, rank=dist.rank, world_size=dist.world_size)
+    return ds, skipped_while_sharding(urls)
 
-    tracker = make_tracker(cfg, dist.rank, run_dir, run_name, resume is not None)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
-        tracker.log({"model/params": count_parameters(model)}, step=state["step"])
-    bar = None
-    if main and t.progress:
+
+def open_outputs(run: Run) -> None:
+    """Rank 0: validation images, ``config.json``, the W&B run (every rank gets a tracker), progress bar."""
+    cfg, t = run.cfg, run.cfg.trainer
+    run.val = val_files(cfg.data)[: cfg.data.val_images] if run.main else []
+    run.tracker = make_tracker(cfg, run.dist.rank, run.run_dir, run.run_dir.name, run.resumed_from is not None)
+    if not run.main:
+        return
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    (run.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    run.tracker.log({"model/params": count_parameters(run.model)}, step=run.state.step)
+    if t.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=t.max_steps, initial=state["step"], desc=run_name, unit="step", dynamic_ncols=True)
+        run.bar = tqdm(total=t.max_steps, initial=run.state.step, desc=run.run_dir.name, unit="step",
+                       dynamic_ncols=True)
 
-    scaler, last_ckpt, metrics = rt.grad_scaler, resume, {}
-    cpu0, cpu_base = _cpu_seconds(), state.get("cpu_seconds", 0.0)
-    t_start, win_t, win_n = time.perf_counter() - state["seconds"], time.perf_counter(), 0
-    grad_norm, depth = float("nan"), None
-    progress = None
-    while state["step"] < t.max_steps and progress != 1.0:
-        epoch, index, b = next(stream)
-        torch.manual_seed(stable_seed("step", t.seed, dist.rank, state["step"]))  # randomness = f(step): resumable
-        noisy, clean = b["noisy"].to(rt.device, non_blocking=True), b["clean"].to(rt.device, non_blocking=True)
-        sigma = b["sigma"].to(rt.device, non_blocking=True)
-        progress = budget_progress(state["step"], cpu_base + _cpu_seconds() - cpu0, cfg, dist.world_size)
-        depth = depth_at(state["step"], cfg, progress)
-        if depth is not None and depth != getattr(model, "active_depth", None):
-            model.set_depth(depth)  # incremental depth: the deeper model warm-starts from the shorter one
-            model.active_depth = depth
-            if main:
-                print(f"[sparsefold] step {state['step']}: unfolding depth {depth}", file=sys.stderr, flush=True)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(state["step"], cfg, progress) * state["lr_scale"]  # lr_scale < 1 after rollbacks
-        net.train()
-        with rt.autocast():
-            loss = net(noisy, clean, sigma)  # loss.kind, see trainers/losses.py
-        opt.zero_grad(set_to_none=True)
-        finite = all_finite(loss, dist.world_size)  # a non-finite loss is skipped (and counted), never stepped on
-        if finite:
-            (scaler.scale(loss) if scaler else loss).backward()
-            if scaler:
-                scaler.unscale_(opt)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf))
-            if scaler:  # fp16: the scaler itself skips steps with inf gradients
-                scaler.step(opt)
-                scaler.update()
-            elif math.isfinite(grad_norm):  # gradients are all-reduced: the same decision on every rank
-                opt.step()
-            else:
-                finite = False  # a finite loss with non-finite gradients: skipped like a non-finite loss
-            if finite and hasattr(model, "project_"):
-                model.project_()  # constraints after each step (e.g. CDLNet: τ ≥ 0, filters in the unit ball)
-        state.update(step=state["step"] + 1, epoch=epoch, batch_in_epoch=index + 1,
-                     samples=state["samples"] + noisy.shape[0] * dist.world_size,
-                     skipped=state["skipped"] + int(b.get("skipped", 0)))
-        win_n += noisy.shape[0] * dist.world_size
-        state["nonfinite_steps"] += int(not finite)
-        streak = 0 if finite else streak + 1
-        if t.rollback_after and streak >= t.rollback_after:  # K bad steps in a row: back to the last checkpoint
-            if state["rollbacks"] >= t.max_rollbacks:
-                raise diverged(cfg, state, streak, good[2]["step"], last_ckpt if dist.report is None else None)
-            keep = {"nonfinite_steps": state["nonfinite_steps"], "rollbacks": state["rollbacks"] + 1,
-                    "lr_scale": state["lr_scale"] * t.rollback_lr_factor}
-            bad_step = state["step"]
-            model.load_state_dict(good[0])
-            opt.load_state_dict(copy.deepcopy(good[1]))  # a copy: the optimizer would share the tensors
-            state.clear()
-            state.update(copy.deepcopy(good[2]), **keep)
-            stream.close()  # data position of the checkpoint: the same batches again, at a lower lr
-            stream = batches(ds, make_loader(ds, cfg.data), state["epoch"], state["batch_in_epoch"])
-            streak = 0
-            if main:
-                tracker.log({"train/" + k: state[k] for k in ("nonfinite_steps", "rollbacks", "lr_scale")}, step=bad_step)
-                print(f"[sparsefold] step {bad_step}: {t.rollback_after} consecutive non-finite steps; rolled back "
-                      f"to step {state['step']}, lr scale {state['lr_scale']:g}", file=sys.stderr, flush=True)
-            if bar is not None:
-                bar.n = state["step"]
-                bar.refresh()
-            continue
-        step, last = state["step"], state["step"] == t.max_steps or progress == 1.0  # steps or CPU budget spent
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.2e}", lr=f"{g['lr']:.1e}")
-        if main and (step % t.log_every == 0 or last):
-            now = time.perf_counter()
-            tracker.log({"train/loss": loss.item(), "train/lr": g["lr"], "train/samples_per_s": win_n / (now - win_t),
-                         "train/grad_norm": grad_norm, "data/skipped": state["skipped"] + unreadable,
-                         "train/nonfinite_steps": state["nonfinite_steps"], "train/rollbacks": state["rollbacks"],
-                         "train/lr_scale": state["lr_scale"], "epoch": epoch, **({"model/depth": depth} if depth else {})},
-                        step=step)
-            win_t, win_n = now, 0
-        do_val, do_ckpt = step % t.val_every == 0 or last, step % t.ckpt_every == 0 or last
-        if not (do_val or do_ckpt):
-            continue
-        state["seconds"] = time.perf_counter() - t_start
-        state["cpu_seconds"] = cpu_base + _cpu_seconds() - cpu0  # this process + its finished loader workers
-        if main and do_val and val:
-            res = evaluate_images(model, val, cfg.noise, cfg.data.gray, rt.device, with_ssim=True, keep_first=True)
-            metrics = {"val/psnr": res["psnr"], "val/ssim": res["ssim"], "val/input_psnr": res["input_psnr"]}
-            if hasattr(model, "code_sparsity"):
-                sp = model.code_sparsity(res["first"][0].unsqueeze(0).to(rt.device))
-                metrics.update({f"codes/nonzero_t{i}": v for i, v in enumerate(sp)})
-            tracker.log({**metrics, **unfolding_metrics(model)}, step=step)
-            line = (f"[sparsefold] step {step}: val psnr {res['psnr']:.3f} dB, ssim {res['ssim']:.4f} "
-                    f"({len(val)} images, {time.perf_counter() - t_start:.0f} s)")
-            bar.write(line, file=sys.stderr) if bar is not None else print(line, file=sys.stderr, flush=True)
-            tracker.log_images(model_panels(model, res["first"]), step=step)
-        state["metrics"] = metrics
-        why = unhealthy(cfg, model, rt, (noisy, clean, sigma), streak, dist.world_size)  # never checkpoint a bad state
-        if why and main:
-            print(f"[sparsefold] step {step}: not checkpointed ({why}); the rollback target stays step "
-                  f"{good[2]['step']}", file=sys.stderr, flush=True)
-        if dist.report is not None:  # Ray: one report per validation/checkpoint, checkpoint attached on rank 0
-            with tempfile.TemporaryDirectory() as tmp:
-                path = save_checkpoint(Path(tmp) / "ckpt", model, cfg, state, opt) if main and not why else None
-                dist.report({"step": step, **metrics, "val_psnr": metrics.get("val/psnr", float("nan"))}, path)
-        elif main and not why:
-            last_ckpt = save_checkpoint(ckpt_dir / f"step_{step:07d}", model, cfg, state, opt)
-            prune_checkpoints(ckpt_dir, t.keep_checkpoints)
-        if not why:
-            good = snapshot(model, opt, state)  # every rank: the rollback target is what was just checkpointed
-        fault_hook("checkpoint", dist.rank, step)
-    if bar is not None:
-        bar.close()
-    if main and not metrics and val:  # nothing left to train (resumed a finished run): still score it
-        res = evaluate_images(model, val, cfg.noise, cfg.data.gray, rt.device)
+
+def use_depth(run: Run, depth: int | None) -> None:
+    """Switch the model to ``depth`` unfoldings (``trainer.depth_stages``) when it runs another depth."""
+    if depth is not None and depth != run.model.depth:
+        run.model.set_depth(depth)  # incremental depth: the deeper model warm-starts from the shorter one
+        run.say(f"step {run.state.step}: unfolding depth {depth}")
+
+
+def rollback(run: Run) -> None:
+    """``trainer.rollback_after`` non-finite steps in a row: back to the last healthy checkpoint at
+    ``trainer.rollback_lr_factor`` × the learning rate, or the run ends after ``trainer.max_rollbacks``."""
+    t, bad = run.cfg.trainer, run.state
+    if bad.rollbacks >= t.max_rollbacks:
+        raise diverged(run.cfg, bad, run.streak, run.good.state.step, run.last_ckpt if run.dist.report is None else None)
+    run.state, run.streak = roll_back(run.model, run.opt, run.good, bad, t.rollback_lr_factor), 0
+    if run.main:
+        run.tracker.log({"train/" + k: getattr(run.state, k) for k in ("nonfinite_steps", "rollbacks", "lr_scale")},
+                        step=bad.step)
+    run.say(f"step {bad.step}: {t.rollback_after} consecutive non-finite steps; rolled back "
+            f"to step {run.state.step}, lr scale {run.state.lr_scale:g}")
+    if run.bar is not None:
+        run.bar.n = run.state.step
+        run.bar.refresh()
+
+
+def log_step(run: Run, loss: float, lr: float, grad_norm: float, epoch: int, depth: int | None,
+             unreadable: int) -> None:
+    """The ``train/*`` metrics of this step (rank 0, every ``trainer.log_every`` steps and the last)."""
+    s = run.state
+    run.tracker.log({"train/loss": loss, "train/lr": lr, "train/samples_per_s": run.clock.samples_per_s(),
+                     "train/grad_norm": grad_norm, "data/skipped": s.skipped + unreadable,
+                     "train/nonfinite_steps": s.nonfinite_steps, "train/rollbacks": s.rollbacks,
+                     "train/lr_scale": s.lr_scale, "epoch": epoch, **({"model/depth": depth} if depth else {})},
+                    step=s.step)
+
+
+def validate(run: Run) -> dict[str, float]:
+    """Rank 0: score the validation images; log PSNR/SSIM, code sparsity, unfolding parameters and image
+    panels; print one line. Returns the ``val/*`` metrics."""
+    model, cfg, step = run.model, run.cfg, run.state.step
+    res = evaluate_images(model, run.val, cfg.noise, cfg.data.gray, run.rt.device, with_ssim=True, keep_first=True)
+    metrics = {"val/psnr": res["psnr"], "val/ssim": res["ssim"], "val/input_psnr": res["input_psnr"]}
+    if hasattr(model, "code_sparsity"):
+        sp = model.code_sparsity(res["first"][0].unsqueeze(0).to(run.rt.device))
+        metrics.update({f"codes/nonzero_t{i}": v for i, v in enumerate(sp)})
+    run.tracker.log({**metrics, **unfolding_metrics(model)}, step=step)
+    run.say(f"step {step}: val psnr {res['psnr']:.3f} dB, ssim {res['ssim']:.4f} "
+            f"({len(run.val)} images, {run.clock.wall():.0f} s)")
+    run.tracker.log_images(model_panels(model, res["first"]), step=step)
+    return metrics
+
+
+def checkpoint(run: Run, batch: tuple[torch.Tensor, ...], validate_first: bool = False) -> None:
+    """Validate first if asked (rank 0), then checkpoint the current state if it is healthy
+    (:func:`unhealthy`, judged on this step's ``batch``) and make it the rollback target; otherwise say why
+    not and keep the old target.
+
+    Plain path: rank 0 writes ``checkpoints/step_<n>`` and prunes old ones. Ray: every rank reports
+    (a barrier), rank 0 with the checkpoint attached; Ray Train copies it into its storage."""
+    cfg, dist, state = run.cfg, run.dist, run.state
+    state.seconds, state.cpu_seconds = run.clock.wall(), run.clock.cpu()
+    if validate_first and run.main and run.val:
+        state.metrics = validate(run)
+    why = unhealthy(cfg, run.model, run.rt, batch, run.streak, dist.world_size)
+    if why:
+        run.say(f"step {state.step}: not checkpointed ({why}); the rollback target stays step {run.good.state.step}")
+    if dist.report is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = None
+            if run.main and not why:
+                path = save_checkpoint(Path(tmp) / "ckpt", run.model, cfg, state.to_dict(), run.opt)
+            dist.report({"step": state.step, **state.metrics, "val_psnr": state.metrics.get("val/psnr", float("nan"))},
+                        path)
+    elif run.main and not why:
+        ckpt_dir = run.run_dir / "checkpoints"
+        run.last_ckpt = save_checkpoint(ckpt_dir / f"step_{state.step:07d}", run.model, cfg, state.to_dict(), run.opt)
+        prune_checkpoints(ckpt_dir, cfg.trainer.keep_checkpoints)
+    if not why:
+        run.good = snapshot(run.model, run.opt, state)  # every rank: the target is what was just checkpointed
+    fault_hook("checkpoint", dist.rank, state.step)
+
+
+def finish(run: Run, unreadable: int) -> dict[str, Any]:
+    """Close the bar and the tracker; the result: {checkpoint, steps, seconds, val_psnr, ...}. A run with
+    nothing left to train (a finished run resumed) is still scored."""
+    if run.bar is not None:
+        run.bar.close()
+    s, metrics = run.state, run.state.metrics
+    if run.main and not metrics and run.val:
+        res = evaluate_images(run.model, run.val, run.cfg.noise, run.cfg.data.gray, run.rt.device)
         metrics = {"val/psnr": res["psnr"], "val/ssim": res["ssim"]}
-    tracker.finish()
-    return {"checkpoint": str(last_ckpt) if last_ckpt else None, "run_dir": str(run_dir), "steps": state["step"],
-            "seconds": round(time.perf_counter() - t_start, 2), "val_psnr": metrics.get("val/psnr"),
-            "val_ssim": metrics.get("val/ssim"), "samples": state["samples"], "skipped": state["skipped"] + unreadable,
-            "nonfinite_steps": state["nonfinite_steps"], "rollbacks": state["rollbacks"], "lr_scale": state["lr_scale"],
-            "resumed_from_step": resumed_from, "params": count_parameters(model),
-            "cpu_seconds": round(cpu_base + _cpu_seconds() - cpu0, 1)}
+    run.tracker.finish()
+    return {"checkpoint": str(run.last_ckpt) if run.last_ckpt else None, "run_dir": str(run.run_dir), "steps": s.step,
+            "seconds": round(run.clock.wall(), 2), "val_psnr": metrics.get("val/psnr"),
+            "val_ssim": metrics.get("val/ssim"), "samples": s.samples, "skipped": s.skipped + unreadable,
+            "nonfinite_steps": s.nonfinite_steps, "rollbacks": s.rollbacks, "lr_scale": s.lr_scale,
+            "resumed_from_step": run.resumed_from, "params": count_parameters(run.model),
+            "cpu_seconds": round(run.clock.cpu(), 1)}
+
+
+def train(cfg: RunConfig, dist: Dist | None = None) -> dict[str, Any]:
+    """Train ``cfg`` to ``trainer.max_steps`` (or its CPU budget); returns {checkpoint, steps, seconds,
+    val_psnr, ...}. Rank 0 of the plain path holds the run lock (trainers/runlock.py) for the whole run,
+    taken before anything in the run directory is read or written; under Ray the driver holds it."""
+    dist, t = dist or Dist(), cfg.trainer
+    with run_lock(run_dir_of(cfg)) if dist.report is None and dist.rank == 0 else nullcontext():
+        run = start(cfg, dist)  # model, optimizer, resumed state
+        net = run.rt.compiled(dist.wrap(Objective(run.model, cfg.loss, cfg.noise)))  # DDP wraps model + loss
+        ds, unreadable = open_data(cfg, dist)
+        stream = batches(ds, make_loader(ds, cfg.data), run.state.epoch, run.state.batch_in_epoch)
+        open_outputs(run)  # validation images, W&B, config.json, progress bar
+        run.clock, scaler, grad_norm, progress = Clock.resumed(run.state), run.rt.grad_scaler, float("nan"), None
+        while run.state.step < t.max_steps and progress != 1.0:
+            epoch, index, b = next(stream)
+            torch.manual_seed(stable_seed("step", t.seed, dist.rank, run.state.step))  # randomness = f(step): resumable
+            batch = tuple(b[k].to(run.rt.device, non_blocking=True) for k in ("noisy", "clean", "sigma"))
+            progress = budget_progress(run.state.step, run.clock.cpu(), cfg, dist.world_size)
+            depth = depth_at(run.state.step, cfg, progress)
+            use_depth(run, depth)
+            lr = lr_at(run.state.step, cfg, progress) * run.state.lr_scale  # lr_scale < 1 after rollbacks
+            res = train_step(net, run.model, run.opt, batch, lr, grad_clip=cfg.optim.grad_clip, scaler=scaler,
+                             autocast=run.rt.autocast, world_size=dist.world_size)
+            grad_norm = grad_norm if res.grad_norm is None else res.grad_norm
+            n = len(batch[0]) * dist.world_size
+            run.state.advance(epoch, index, n, int(b.get("skipped", 0)), res.finite)
+            run.clock.window_n += n
+            run.streak = 0 if res.finite else run.streak + 1
+            if t.rollback_after and run.streak >= t.rollback_after:  # K bad steps in a row: the last checkpoint
+                rollback(run)
+                stream.close()  # the checkpoint's data position: the same batches again, at a lower lr
+                stream = batches(ds, make_loader(ds, cfg.data), run.state.epoch, run.state.batch_in_epoch)
+                continue
+            step, last = run.state.step, run.state.step == t.max_steps or progress == 1.0  # steps or budget spent
+            if run.bar is not None:
+                run.bar.update(1)
+                run.bar.set_postfix(loss=f"{res.loss.item():.2e}", lr=f"{lr:.1e}")
+            if run.main and (step % t.log_every == 0 or last):
+                log_step(run, res.loss.item(), lr, grad_norm, epoch, depth, unreadable)
+            do_val = step % t.val_every == 0 or last
+            if do_val or step % t.ckpt_every == 0:
+                checkpoint(run, batch, validate_first=do_val)
+        return finish(run, unreadable)

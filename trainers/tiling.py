@@ -8,7 +8,7 @@ exactly as it would run a whole image, and takes every output pixel from the one
 
 Why the result is the whole image's (up to float summation order, ~1e-6; tests/test_tiling.py: ≤ 1e-4):
 
-* Overlap = the exact receptive-field radius, ``model.tiling.halo`` (``models/_ops.Tiling``; each model counts
+* Overlap = the exact receptive-field radius, ``model.tiling.halo`` (``models/tiling.Tiling``; each model counts
   it from its layers: CSCNet and DCEA T·(k−1), CDLNet depth·(P−1), DnCNN depth, LISTA and Deep K-SVD p−1,
   LIDIA 7r + 2⌊window/2⌋ + 2 with r = (p−1)/2; bundled: 72, 60, 120, 17, 7, 7, 51 px). A tile is its core
   plus ``halo`` pixels of real context on each side cut out of the image. What the model computes from its
@@ -59,7 +59,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from sparsefold.errors import InputError
-from sparsefold.models._ops import Tiling, estimate_sigma
+from sparsefold.models.noise_level import estimate_sigma
+from sparsefold.models.tiling import Tiling
 
 GiB = 1 << 30
 SLACK = 2.0  # peak RSS / tracked tensor bytes allowed for (see the module docstring)
