@@ -228,15 +228,19 @@ def test_denoise_any_generated_image(capsys, bundled_once, mode, h, w, how, seed
 
 
 # ---------------------------------------------------------------------------------------- shards
-def test_training_folder_skips_and_counts_bad_images(tmp_path, capsys):
-    """Original: sharding an image folder for training died at the first unreadable image."""
-    folder = tmp_path / "photos"
+def photos_with_two_bad(folder: Path, side: int, rng: np.random.Generator) -> Path:
+    """``folder`` with three good side×side PNGs, an empty file and a truncated PNG."""
     folder.mkdir()
-    rng = np.random.default_rng(0)
     for i in range(3):
-        Image.fromarray(gray_levels(rng, 32, 32)[0]).save(folder / f"good{i}.png")
+        Image.fromarray(gray_levels(rng, side, side)[0]).save(folder / f"good{i}.png")
     (folder / "empty.png").write_bytes(b"")
     (folder / "cut.png").write_bytes((folder / "good0.png").read_bytes()[:60])
+    return folder
+
+
+def test_training_folder_skips_and_counts_bad_images(tmp_path, capsys):
+    """Original: sharding an image folder for training died at the first unreadable image."""
+    folder = photos_with_two_bad(tmp_path / "photos", 32, np.random.default_rng(0))
     urls = train_urls(DataConfig(train=str(folder), cache_dir=str(tmp_path / "cache"), shard_size=2))
     index = read_index(Path(urls[0]).parent)
     assert index["total"] == 3 and len(urls) == 2
@@ -253,13 +257,8 @@ def test_training_folder_skips_and_counts_bad_images(tmp_path, capsys):
 def test_training_on_a_folder_with_bad_images_runs_and_counts_them(tmp_path, tiny_overrides, capsys):
     """Original: the run died while sharding; now it trains on the good images and its data/skipped (the
     final JSON's ``skipped``) counts the two unreadable ones."""
-    folder = tmp_path / "photos"
-    folder.mkdir()
     rng = np.random.default_rng(1)
-    for i in range(3):
-        Image.fromarray(gray_levels(rng, 64, 64)[0]).save(folder / f"good{i}.png")
-    (folder / "empty.png").write_bytes(b"")
-    (folder / "cut.png").write_bytes((folder / "good0.png").read_bytes()[:60])
+    folder = photos_with_two_bad(tmp_path / "photos", 64, rng)
     val = tmp_path / "val"
     val.mkdir()
     Image.fromarray(gray_levels(rng, 64, 64)[0]).save(val / "v.png")
