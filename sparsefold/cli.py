@@ -121,6 +121,12 @@ def noise_for(a: argparse.Namespace, meta: dict):
     return dataclass_from_dict(NoiseConfig, d, "noise")
 
 
+def check_sigma(sigma: float | None) -> None:
+    """``--sigma`` of evaluate and denoise: None (the default) or a noise std in 0..255 (NaN and inf refused)."""
+    if sigma is not None and not 0 <= sigma <= 255:  # NaN fails the comparison too
+        raise InputError(f"--sigma: must be in 0..255 (the noise std on the 8-bit scale), got {sigma:g}")
+
+
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from sparsefold.datasets import list_images
     from sparsefold.models import count_parameters
@@ -129,6 +135,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
     if a.images < 0:
         raise InputError(f"--images: must be >= 0 (0: all), got {a.images}")
+    check_sigma(a.sigma)
     model, meta = load_model(a.checkpoint)
     files = list_images(a.data_dir)[: a.images or None]
     if not files:
@@ -152,14 +159,12 @@ def cmd_denoise(a: argparse.Namespace) -> int:
     paths go to stdout. An unreadable INPUT file is one error line; in a folder job the unreadable
     images are listed on stderr at the end, the others written, and the exit code is 2."""
     from sparsefold.datasets.images import plan_outputs
-    from sparsefold.errors import InputError
     from sparsefold.trainers.checkpoint import load_model
     from sparsefold.trainers.evaluate import denoise_path
 
     if len(a.paths) not in (2, 3):
         raise InputError("denoise takes [CHECKPOINT] INPUT OUTPUT")
-    if a.sigma is not None and not 0 <= a.sigma <= 255:  # NaN fails the comparison too
-        raise InputError(f"--sigma: must be in 0..255 (the noise std on the 8-bit scale), got {a.sigma:g}")
+    check_sigma(a.sigma)
     checkpoint, src, dst = ([DEFAULT_MODEL] + a.paths)[-3:]
     pairs = plan_outputs(src, dst, overwrite=a.overwrite)
     model, meta = load_model(checkpoint)

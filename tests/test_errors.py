@@ -181,6 +181,13 @@ def test_negative_images_is_refused(images, capsys):
     assert one_line(capsys.readouterr().err).startswith("error: --images: must be >= 0")
 
 
+@pytest.mark.parametrize("sigma", ["300", "-5", "nan"])
+def test_evaluate_refuses_sigma_outside_0_255_like_denoise(images, capsys, sigma):
+    """Was: ``evaluate --sigma 300`` (and NaN) scored with rc 0 while ``denoise`` refused it."""
+    assert main(["evaluate", "cscnet", str(images), "--sigma", sigma]) == 2
+    assert one_line(capsys.readouterr().err).startswith("error: --sigma: must be in 0..255")
+
+
 def test_json_output_is_strict_json(images, capsys):
     assert main(["evaluate", "cscnet", str(images), "--sigma", "0", "--images", "1"]) == 0
     out = strict_json(capsys.readouterr().out.strip().splitlines()[-1])  # was: "input_psnr": Infinity
