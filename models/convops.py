@@ -18,8 +18,8 @@ from torch import Tensor
 #   analysis  B: image (N, C, Ph, Pw) -> codes (N, K, h, w),   (Bx)[k, a, b] = Σ_{c,u,v} W[k,c,u,v]·x[c, s·a+u, s·b+v]
 #   synthesis A: codes (N, K, h, w)  -> image (N, C, Ph, Pw),  the adjoint of B for the same W.
 #
-# PyTorch's strided conv_transpose2d runs ~17x below the forward convolution on CPU
-# (../shared/notes/cpu-ceilings.md), and both convolutions' backward passes are slow too; one batched
+# PyTorch's strided conv_transpose2d runs ~17x below the forward convolution on CPU (measured on the
+# 2-core CI machine kind), and both convolutions' backward passes are slow too; one batched
 # GEMM plus col2im (F.fold) / im2col (F.unfold) is 2-8x faster for A, and for B's forward+backward
 # (measured on the CSCNet shapes). Without autograd, B uses F.conv2d, whose forward is faster.
 # --------------------------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ warning (none for the bundled models, which ship without one). Non-finite weight
 
 Which checkpoint is "the latest" is decided from the checkpoints themselves (the ``step`` in each valid
 one's state.json), never from a pointer file or from Ray's bookkeeping, which after a crash can name an
-older one (../shared/notes/ray-wds-wandb-2.60.md §1.5). :func:`latest_in_storage` does the same on any
+older one (Ray 2.60 hands a restarted worker the checkpoint its controller last registered, which can be a
+report or two behind what is on disk). :func:`latest_in_storage` does the same on any
 ``pyarrow.fs`` filesystem (Ray's storage: local, NFS, S3, GCS).
 """
 

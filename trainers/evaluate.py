@@ -1,4 +1,4 @@
-"""Evaluation by the shared convention (../shared/data/README.md) and folder denoising.
+"""Evaluation by the benchmark convention below (the one the BSD68 / Set12 numbers use) and folder denoising.
 
 Convention: images in [0, 1] read in sorted filename order; additive Gaussian noise of std σ/255 drawn
 in float32 from ONE torch.Generator seeded once (seed 0), no clipping of the noisy input; the output is
