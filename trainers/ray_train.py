@@ -2,11 +2,10 @@
 path (:func:`sparsefold.trainers.loop.train`), with DDP (gloo on CPU, NCCL on GPU), one
 ``ray.train.report`` per validation/checkpoint with rank 0's checkpoint attached (stored as
 ``<run storage>/step_<step>/``), and resume from the LATEST valid checkpoint in the run's storage.
-See ../shared/notes/ray-wds-wandb-2.60.md for the 2.60 pitfalls handled.
 
 Which checkpoint a restart resumes from: after a worker failure Ray 2.60 hands ``get_checkpoint()`` the
-last checkpoint its controller *registered*, which can be a report or two older than what is on disk
-(notes §1.5). Rank 0 therefore scans the run's storage for the valid checkpoint (SHA-256 manifest) with
+last checkpoint its controller *registered*, which can be a report or two older than what is on disk.
+Rank 0 therefore scans the run's storage for the valid checkpoint (SHA-256 manifest) with
 the highest step and broadcasts its name to the other ranks. Scanning was chosen over a ``latest``
 pointer file: the checkpoints are their own source of truth, a partial copy is rejected by its manifest,
 there is no second file to keep consistent on object stores without atomic rename, and it works
@@ -200,7 +199,7 @@ def run_trainer(cfg: RunConfig, run_dir: Path, callbacks: list | None, gpus_per_
     """:func:`fit` after the run's identity is fixed: ``cfg`` is :func:`canonical_run`'s, ``run_dir`` its
     directory (local, or the node-local staging directory of a URL output_dir)."""
     # Reports are polled by the controller; the default 2 s interval costs ~2 s per report on small
-    # machines (notes §1.3). Must be set before Ray starts: it is propagated to controller and workers.
+    # machines (measured with Ray 2.60). Must be set before Ray starts: it is propagated to controller and workers.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")
     import ray
@@ -236,7 +235,7 @@ def run_trainer(cfg: RunConfig, run_dir: Path, callbacks: list | None, gpus_per_
     except ray.train.WorkerGroupError as e:  # a worker's expected failure is one line, not Ray's report
         raise worker_failure(e) from e
     out = dict(result.return_value or {})
-    # Ray's result.checkpoint can lag behind (notes §1.5)
+    # Ray's result.checkpoint can lag behind what is on disk (see the module docstring)
     latest = latest_step_uri(run_root) if is_url(t.output_dir) else latest_checkpoint(run_dir, warn=False)
     if latest is not None or result.checkpoint is not None:
         out["checkpoint"] = str(latest) if latest is not None else result.checkpoint.path
