@@ -70,7 +70,7 @@ SECRET_ASSIGNMENT = re.compile(  # NAME=value, NAME: value, "NAME": "value" in t
     r"\b([\w.-]*(?:" + SECRET_NAME.pattern + r")[\w.-]*)([\"']?\s*[=:]\s*)(\"[^\"]*\"|'[^']*'|[^\s,;]+)", re.IGNORECASE)
 JOB_ENV = {  # defaults of the job's env_vars (reach driver, Train controller and workers)
     "PYTHONUNBUFFERED": "1",  # logs stream while the job runs
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",  # ~2 s per report otherwise (notes §1.3)
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",  # ~2 s per report otherwise (Ray 2.60, measured)
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",  # the autoscaler may need minutes for GPU nodes
 }
 

@@ -56,7 +56,7 @@ class ForwardToTune(TuneReportCallback):
 
 def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
     """Tune function trainable: one trial = one Ray Train run of the trial's RunConfig. Returns None
-    (a returned dict without the metric would fail the searcher's check, notes §2.3)."""
+    (a returned dict without the metric would fail the searcher's check in Ray 2.60)."""
     import ray.tune
 
     from sparsefold.trainers.ray_train import fit
@@ -128,12 +128,12 @@ def init_local_ray(num_cpus: int | None = None, env: dict[str, str] | None = Non
 
 
 def _init_ray(spec: SweepSpec) -> None:
-    # Before Ray starts (propagated to Train controllers and workers, notes §1.3 and §2.4).
+    # Before Ray starts (propagated to Train controllers and workers).
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
     import ray
 
-    if not ray.is_initialized():  # keep the dashboard: Train's placement-group cleanup needs it (notes §6.1)
+    if not ray.is_initialized():  # keep the dashboard: Train's placement-group cleanup needs it (Ray 2.60)
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address=os.environ["RAY_ADDRESS"])
         else:
