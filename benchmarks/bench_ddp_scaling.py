@@ -3,9 +3,9 @@
     python benchmarks/bench_ddp_scaling.py --data ../shared/data/bsd432 --steps 60 \\
         --out benchmarks/results/ddp_scaling.json
 
-  plain : ``sparsefold.trainers.loop.train`` in this process (``trainer.use_ray=false``)
-  ray1  : Ray Train, 1 worker  (``trainer.use_ray=true trainer.workers=1``)
-  ray2  : Ray Train, 2 workers (``trainer.workers=2``, DDP over gloo)
+  plain : ``sparsefold.trainers.loop.train`` in this process (``ray.enabled=false``)
+  ray1  : Ray Train, 1 worker  (``ray.enabled=true ray.workers=1``)
+  ray2  : Ray Train, 2 workers (``ray.workers=2``, DDP over gloo)
   torch2: the same loop in 2 processes under plain ``torch.distributed`` DDP over gloo (no Ray): separates
           what DDP itself costs on this machine from what the Ray processes around it cost
   plain2: 2 independent plain trainings at once (no DDP, no Ray, nothing shared): the machine's own ceiling
@@ -13,7 +13,7 @@
 
 Every run: the quickstart CSCNet (``--config``, default the packaged quickstart.yaml: T=10, 64 filters 7×7,
 stride 2, 8 × 64² patches per worker) on --data, 1 torch thread and 1 CPU per worker
-(``trainer.threads=1 trainer.cpus_per_worker=1``), the loader inside the training process
+(``runtime.threads=1 ray.cpus_per_worker=1``), the loader inside the training process
 (``data.num_workers=0``: on 2 cores, 2 ranks already take both), no validation images, W&B disabled, and one
 checkpoint at the end (``val_every = ckpt_every = steps``).
 
@@ -70,12 +70,12 @@ def run_config(a: argparse.Namespace, out_dir: Path, name: str, extra: list[str]
         f"data.train={a.data}", "data.shard_size=36", "data.val_images=0", f"data.num_workers={a.loader_workers}",
         *([f"data.cache_dir={a.cache_dir}"] if a.cache_dir else []),
         f"trainer.max_steps={steps}", f"trainer.val_every={steps}", f"trainer.ckpt_every={steps}",
-        f"trainer.log_every={steps}", "trainer.threads=1", "trainer.cpus_per_worker=1", "trainer.progress=false",
+        f"trainer.log_every={steps}", "runtime.threads=1", "ray.cpus_per_worker=1", "trainer.progress=false",
         "trainer.keep_checkpoints=1", f"trainer.output_dir={out_dir}", f"trainer.run_name={name}",
         "trainer.resume=false", "wandb.mode=disabled", *a.overrides, *extra])
 
 
-# runs without Ray -> their training processes (ray1/ray2 take trainer.workers from the name)
+# runs without Ray -> their training processes (ray1/ray2 take ray.workers from the name)
 LOCAL_PROCESSES = {"plain": 1, "torch2": 2, "plain2": 2}
 
 # name, numerator run, denominator run, column (see the module docstring)
@@ -220,7 +220,7 @@ def _measure(name: str, cfg: Any) -> dict[str, Any]:
         out = torch_ddp(cfg, 2)
     elif name == "plain2":
         out = independent(cfg, 2)
-    elif cfg.trainer.use_ray:
+    elif cfg.ray.enabled:
         from sparsefold.trainers.ray_train import fit
 
         out = fit(cfg)
@@ -230,7 +230,7 @@ def _measure(name: str, cfg: Any) -> dict[str, Any]:
         out = train(cfg)
     wall = time.perf_counter() - t0
     loop = float(out["seconds"])
-    row = {"run": name, "workers": LOCAL_PROCESSES.get(name) or cfg.trainer.workers, "steps": out["steps"],
+    row = {"run": name, "workers": LOCAL_PROCESSES.get(name) or cfg.ray.workers, "steps": out["steps"],
            "samples": out["samples"], "loop_s": round(loop, 3), "wall_s": round(wall, 3),
            "fixed_s": round(wall - loop, 3), "samples_per_s": round(out["samples"] / loop, 2),
            "batch_per_worker": cfg.data.batch_size}
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 ray.init(address="local", num_cpus=a.cpus, log_to_driver=True)  # a new instance, never another one
                 ray_init_s = round(time.perf_counter() - t0, 2)
-            extra = [] if name in LOCAL_PROCESSES else ["trainer.use_ray=true", f"trainer.workers={name[-1]}"]
+            extra = [] if name in LOCAL_PROCESSES else ["ray.enabled=true", f"ray.workers={name[-1]}"]
             rows[name] = measure(name, run_config(a, Path(tmp), name, extra))
         cfg = to_plain(probe)
     if ray_init_s is not None:

@@ -127,11 +127,11 @@ def table(entries: list[dict]) -> str:
 
 
 def main() -> None:
-    from sparsefold.trainers.checkpoint import BUNDLED_DIR, is_complete
+    from sparsefold.trainers.storage import bundled_models
     from sparsefold.trainers.tiling import default_max_memory
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=sorted(d.name for d in BUNDLED_DIR.iterdir() if is_complete(d)))
+    p.add_argument("--models", nargs="+", default=[d.name for d in bundled_models()])
     p.add_argument("--sizes", nargs="+", type=float, default=[1, 4, 16], help="megapixels")
     p.add_argument("--whole-limit", type=float, default=8.0, help="GB: skip whole-image runs predicted above it")
     p.add_argument("--out", type=Path, default=RESULTS)

@@ -11,7 +11,7 @@ image) goes to a JSON file and stdout as Markdown.
         --out benchmarks/results/zoo_gaussian_s25.json
     python benchmarks/bench_zoo.py benchmarks/zoo/poisson.yaml --parallel 2 --out benchmarks/results/zoo_poisson.json
 
-``--parallel 2`` runs two trainings at once, each with one thread (``trainer.threads=1``, loader in the
+``--parallel 2`` runs two trainings at once, each with one thread (``runtime.threads=1``, loader in the
 main process), so their CPU-time budgets are comparable; evaluation timings then run one at a time with
 ``--eval-threads`` threads after all training is done (same runs, same noise for every model).
 ``--only NAME`` restricts to some entries; an entry whose result already exists in ``--out`` is not
@@ -54,7 +54,7 @@ def run(cmd: list[str], log: Path, threads: int) -> str:
 
 def train_entry(name: str, entry: dict, suite: dict, args: argparse.Namespace) -> dict:
     overrides = list(suite.get("common", [])) + list(entry.get("overrides", [])) + [
-        f"trainer.budget_cpu_seconds={suite['budget_cpu_seconds']}", "trainer.threads=1", "data.num_workers=0",
+        f"trainer.budget_cpu_seconds={suite['budget_cpu_seconds']}", "runtime.threads=1", "data.num_workers=0",
         f"trainer.run_name={suite['name']}-{name}", f"trainer.output_dir={args.runs}", "trainer.progress=false",
     ]
     log = args.logs / f"{suite['name']}-{name}.log"

@@ -23,8 +23,9 @@ import torch
 from sparsefold.config import NoiseConfig
 from sparsefold.datasets import list_images
 from sparsefold.runtime import configure_cpu_allocator
-from sparsefold.trainers.checkpoint import is_complete, load_model
+from sparsefold.trainers.checkpoint import load_model
 from sparsefold.trainers.evaluate import evaluate_images
+from sparsefold.trainers.storage import checkpoint_dirs, checkpoint_step, is_complete
 
 
 def main() -> None:
@@ -40,8 +41,7 @@ def main() -> None:
     configure_cpu_allocator()
     if a.threads:
         torch.set_num_threads(a.threads)
-    ckpts = sorted((p for p in (a.run_dir / "checkpoints").glob("step_*") if is_complete(p)),
-                   key=lambda p: int(p.name.split("_")[1]))
+    ckpts = sorted((p for p in checkpoint_dirs(a.run_dir) if is_complete(p)), key=checkpoint_step)
     ckpts = [c for i, c in enumerate(ckpts) if i % a.every == a.every - 1 or c == ckpts[-1]]
     files = list_images(a.data)
     # Measured CPU time only when every checkpoint carries it from the run's start (older ones did not).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from typing import Literal
 
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ def _pad_to(arr: np.ndarray, size: int) -> np.ndarray:
     ph, pw = max(0, size - arr.shape[0]), max(0, size - arr.shape[1])
     if ph == 0 and pw == 0:
         return arr
-    mode = "reflect" if min(arr.shape[:2]) > 1 else "edge"
+    mode: Literal["reflect", "edge"] = "reflect" if min(arr.shape[:2]) > 1 else "edge"  # reflect needs 2 px
     return np.pad(arr, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)), mode=mode)
 
 

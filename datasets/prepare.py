@@ -20,7 +20,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from sparsefold.config import DataConfig, is_url
+from sparsefold.config import DataConfig, is_url, spec_options
 from sparsefold.datasets.images import (
     builtin_skimage_dir,
     default_cache_dir,
@@ -111,8 +111,8 @@ def val_files(data: DataConfig) -> list[Path]:
     """Sorted validation image files of ``data.val`` (for ``builtin:skimage``: the held-out photos
     of :func:`split_builtin`).  All of them; the caller applies ``data.val_images``.
     ``A|B`` names fallbacks: the first folder that exists is used (``../shared/data/set12|builtin:skimage``)."""
-    if "|" in data.val:
-        options = [o.strip() for o in data.val.split("|") if o.strip()]
+    options = spec_options(data.val)
+    if options and options != [data.val]:  # fallbacks (or stray separators)
         for o in options[:-1]:
             if o == "builtin:skimage" or (Path(o).expanduser().is_dir() and list_images(Path(o).expanduser())):
                 return val_files(replace(data, val=o))

@@ -28,12 +28,12 @@ def extract_patches(x: Tensor, p: int) -> Tensor:
     return F.unfold(x, p).transpose(1, 2)
 
 
-def fold_patches(patches: Tensor, out_hw: tuple[int, int], p: int) -> Tensor:
+def fold_patches(patches: Tensor, out_hw: tuple[int, ...], p: int) -> Tensor:
     """Rᵀ P = Σ_k R_kᵀ P_k, the adjoint of :func:`extract_patches`: (B, L, C·p²) -> (B, C, H, W)."""
     return F.fold(patches.transpose(1, 2), out_hw, p)
 
 
-def aggregate_patches(patches: Tensor, weight: Tensor | None, out_hw: tuple[int, int]) -> Tensor:
+def aggregate_patches(patches: Tensor, weight: Tensor | None, out_hw: tuple[int, ...]) -> Tensor:
     """x̂ = Σ R_kᵀ(w⊙x̂_k) / Σ R_kᵀ w: patches (B, L, C·p²) -> (B, C, H, W).
 
     ``weight`` holds p² entries (a p×p mask shared by the channels) or C·p²; None is plain averaging.

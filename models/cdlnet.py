@@ -129,20 +129,27 @@ class CDLNetConfig:
         check(self.threshold_init >= 0, "threshold_init", f"must be >= 0, got {self.threshold_init}")
 
 
+def initial_dictionary(config: CDLNetConfig) -> Tensor:
+    """D (M, C, P, P): random normal atoms seeded by ``config.init_seed``, divided by √L (‖D‖₂ = 1)."""
+    M, C, P = config.filters, config.channels, config.kernel_size
+    w = torch.randn(M, C, P, P, generator=torch.Generator().manual_seed(config.init_seed))
+    return w / power_method(w, config.stride, size=max(POWER_SIZE, 4 * P), iters=POWER_ITERS) ** 0.5
+
+
 class CDLNet(nn.Module):
     """Untied (or tied) convolutional LISTA with noise-adaptive thresholds. See the module docstring."""
 
-    def __init__(self, config: CDLNetConfig) -> None:
+    def __init__(self, config: CDLNetConfig, init: bool = True) -> None:
+        """``init=False``: A, B allocated but not drawn (no power method), for a state dict to fill."""
         super().__init__()
         self.config = config
         K, M, C, P = config.depth, config.filters, config.channels, config.kernel_size
-        g = torch.Generator().manual_seed(config.init_seed)
-        w = torch.randn(M, C, P, P, generator=g)
-        w = w / power_method(w, config.stride, size=max(POWER_SIZE, 4 * P), iters=POWER_ITERS) ** 0.5
+        w = initial_dictionary(config) if init else torch.empty(M, C, P, P)
         n = 1 if config.tied else K
         self.A = nn.Parameter(w.expand(n, -1, -1, -1, -1).clone())  # A⁽ᵏ⁾ analysis
         self.B = nn.Parameter(w.expand(n, -1, -1, -1, -1).clone())  # B⁽ᵏ⁾ synthesis, B⁽⁰⁾ = D
         self.tau0 = nn.Parameter(torch.full((n, M), config.threshold_init))
+        self.tau1: nn.Parameter | None
         if config.noise_adaptive:
             self.tau1 = nn.Parameter(torch.full((n, M), config.threshold_init))
         else:
@@ -163,6 +170,8 @@ class CDLNet(nn.Module):
         j = self._layer(k)
         if self.tau1 is None:
             return self.tau0[j].view(1, -1, 1, 1)
+        if sigma is None:
+            raise ValueError("sigma is required: the model is noise-adaptive (see noise_level)")
         return noise_adaptive_threshold(self.tau0[j], self.tau1[j], sigma)
 
     def noise_level(self, y: Tensor, sigma: Tensor | float | None) -> Tensor | None:

@@ -48,7 +48,7 @@ def conv_analysis(x: Tensor, weight: Tensor, stride: int, add: Tensor | None = N
     return codes.reshape(n, k_, h, w)
 
 
-def conv_synthesis(codes: Tensor, weight: Tensor, stride: int, out_hw: tuple[int, int]) -> Tensor:
+def conv_synthesis(codes: Tensor, weight: Tensor, stride: int, out_hw: tuple[int, ...]) -> Tensor:
     """A γ = Bᵀ γ: codes (N, K, h, w) -> image (N, C, Ph, Pw) with Ph = s·(h−1)+k."""
     n, k_, h, w = codes.shape
     wt = weight.reshape(1, k_, -1).transpose(1, 2).expand(n, -1, -1)  # (N, C·k², K) view

@@ -40,6 +40,11 @@ Options beyond the paper: ``noise_adaptive`` replaces θ by CDLNet's θ(σ) = θ
 estimated from the image (``estimate_sigma``) when unknown; ``set_depth`` changes the number of
 unfoldings used (weights are tied, so a deeper model warm-starts from the shorter one exactly);
 ``reconstructions`` gives x̂_t = C γ_t after every unfolding (multi-layer loss).
+
+A learned θ can go negative. ``negative_threshold="clamp"`` (default) shrinks by max(θ, 0): a negative θ
+means no shrinkage. ``"official"`` reproduces the authors' code (``prox.soft_threshold_masks``: for θ < 0
+codes in (θ, −θ) double, the others move away from zero by |θ|); imported releases use it
+(``sparsefold import cscnet``), since some of their filters have θ < 0.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ from torch import Tensor, nn
 from sparsefold.errors import check
 from sparsefold.models.convops import conv_analysis, conv_synthesis, power_method, shift_average, shift_stack
 from sparsefold.models.noise_level import estimate_sigma, noise_adaptive_threshold
-from sparsefold.models.prox import soft_threshold
+from sparsefold.models.prox import soft_threshold, soft_threshold_masks
 from sparsefold.models.tiling import Tiling
 
 
@@ -68,6 +73,7 @@ class CSCNetConfig:
     channels: int = 1
     threshold_init: float = 0.01
     noise_adaptive: bool = False
+    negative_threshold: str = "clamp"
     init_seed: int = 0
 
     def __post_init__(self) -> None:
@@ -78,18 +84,27 @@ class CSCNetConfig:
               f"must be in [1, kernel_size={self.kernel_size}], got {self.stride}")
         check(self.channels in (1, 3), "channels", f"must be 1 or 3, got {self.channels}")
         check(self.threshold_init >= 0, "threshold_init", f"must be >= 0, got {self.threshold_init}")
+        check(self.negative_threshold in ("clamp", "official"), "negative_threshold",
+              f"must be 'clamp' or 'official', got {self.negative_threshold!r}")
+
+
+def initial_filters(config: CSCNetConfig) -> Tensor:
+    """The random bank (K, C, k, k) seeded by ``config.init_seed``, divided by √L: ‖A‖₂ = 1, i.e. the
+    step 1/L absorbed into the weights."""
+    K, C, k = config.filters, config.channels, config.kernel_size
+    w = torch.randn(K, C, k, k, generator=torch.Generator().manual_seed(config.init_seed))
+    return w / power_method(w, config.stride, size=max(128, 4 * k)) ** 0.5
 
 
 class CSCNet(nn.Module):
     """Tied convolutional LISTA with separate A, B, C and shift-averaging. See the module docstring."""
 
-    def __init__(self, config: CSCNetConfig) -> None:
+    def __init__(self, config: CSCNetConfig, init: bool = True) -> None:
+        """``init=False``: A, B, C allocated but not drawn (no power method), for a state dict to fill."""
         super().__init__()
         self.config = config
         K, C, k = config.filters, config.channels, config.kernel_size
-        g = torch.Generator().manual_seed(config.init_seed)
-        w = torch.randn(K, C, k, k, generator=g)
-        w = w / power_method(w, config.stride, size=max(128, 4 * k)) ** 0.5  # ‖A‖₂ = 1, i.e. step 1/L absorbed
+        w = initial_filters(config) if init else torch.empty(K, C, k, k)
         self.A = nn.Parameter(w.clone())  # synthesis inside the loop
         self.B = nn.Parameter(w.clone())  # analysis
         self.C = nn.Parameter(w.clone())  # final decoder
@@ -134,12 +149,13 @@ class CSCNet(nn.Module):
             raise ValueError(f"depth must be >= 1, got {T}")
         hw = ys.shape[-2:]
         By = conv_analysis(ys, self.B, s)  # (N, K, h, w), computed once
-        gammas = [soft_threshold(By, theta)]  # Eq. (1)
+        shrink = soft_threshold if self.config.negative_threshold == "clamp" else soft_threshold_masks
+        gammas = [shrink(By, theta)]  # Eq. (1)
         for _ in range(T - 1):
             g = gammas[-1]
             Ag = conv_synthesis(g, self.A, s, hw)  # A γ_t: (N, C, Ph, Pw)
             v = conv_analysis(Ag, self.B, s, add=g + By, alpha=-1.0)  # γ_t − B(Aγ_t − y), fused
-            gammas.append(soft_threshold(v, theta))  # Eq. (2)
+            gammas.append(shrink(v, theta))  # Eq. (2)
             if not keep_all:
                 del gammas[0]
         return gammas

@@ -61,6 +61,7 @@ normal atoms / √L, L = κ·(power-method ‖H‖²₂) (official: 5× a power-
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -131,19 +132,28 @@ class DCEAUCConfig(DCEAConfig):
     name: str = "dcea_uc"
 
 
+def initial_atoms(config: DCEAConfig) -> Tensor:
+    """H (K, C, k, k): unit-norm random normal atoms seeded by ``config.init_seed``, divided by √L,
+    L = κ·‖H‖²₂ (the step 1/L absorbed)."""
+    K, C, k = config.filters, config.channels, config.kernel_size
+    w = torch.randn(K, C, k, k, generator=torch.Generator().manual_seed(config.init_seed))
+    w = w / w.flatten(1).norm(dim=1).view(K, 1, 1, 1)  # unit-norm atoms (official F.normalize)
+    kappa = lk.curvature(config.likelihood, peak=config.peak, trials=config.trials)
+    return w / (kappa * power_method(w, config.stride, size=max(128, 4 * k))) ** 0.5
+
+
 class DCEA(nn.Module):
     """DCEA-C / DCEA-UC (``config.tied``): unrolled proximal gradient on an exponential-family NLL."""
 
-    def __init__(self, config: DCEAConfig) -> None:
+    def __init__(self, config: DCEAConfig, init: bool = True) -> None:
+        """``init=False``: the atoms allocated but not drawn, for a state dict to fill; the power method
+        still runs with ``normalize_atoms`` (its 1/√L is not in the state dict)."""
         super().__init__()
         self.config = config
         K, C, k = config.filters, config.channels, config.kernel_size
-        g = torch.Generator().manual_seed(config.init_seed)
-        w = torch.randn(K, C, k, k, generator=g)
-        w = w / w.flatten(1).norm(dim=1).view(K, 1, 1, 1)  # unit-norm atoms (official F.normalize)
-        kappa = lk.curvature(config.likelihood, peak=config.peak, trials=config.trials)
-        w = w / (kappa * power_method(w, config.stride, size=max(128, 4 * k))) ** 0.5  # step 1/L absorbed
-        self.atom_norm = float(w[0].norm())  # 1/√L, the same for every atom
+        drawn = init or config.normalize_atoms
+        w = initial_atoms(config) if drawn else torch.empty(K, C, k, k)
+        self.atom_norm = float(w[0].norm()) if drawn else math.nan  # 1/√L, the same for every atom
         self.H = nn.Parameter(w.clone())
         if not config.tied:
             self.W_e = nn.Parameter(w.clone())
@@ -225,11 +235,11 @@ class DCEA(nn.Module):
         cs = shift_stack(c, cfg.kernel_size, cfg.stride)
         return cs, mu.repeat_interleave(cfg.stride ** 2, dim=0), mu
 
-    def _decode(self, x: Tensor, mu: Tensor, hw: tuple[int, int], pad_hw: tuple[int, int]) -> Tensor:
+    def _decode(self, x: Tensor, mu: Tensor, hw: tuple[int, ...], pad_hw: tuple[int, ...]) -> Tensor:
         """Eq. (3) with shift-averaging: codes (B·s², K, h, w) -> η̂ (B, C, H, W)."""
-        cfg = self.config
+        cfg, (h, w) = self.config, hw
         z = conv_synthesis(x, self.decoder, cfg.stride, pad_hw)  # W_d x: (B·s², C, Ph, Pw)
-        return shift_average(z, *hw, cfg.kernel_size, cfg.stride) + mu
+        return shift_average(z, h, w, cfg.kernel_size, cfg.stride) + mu
 
     def natural(self, y: Tensor, sigma: Tensor | None = None, mean: Tensor | None = None) -> Tensor:
         """y (B, C, H, W) normalized observation -> η̂ (B, C, H, W), natural parameter of the counts."""

@@ -80,28 +80,41 @@ class DeepKSVDConfig:
 class DeepKSVD(nn.Module):
     """Deep K-SVD: per-patch λ from an MLP, tied ISTA, learned averaging mask. See the module docstring."""
 
-    def __init__(self, config: DeepKSVDConfig) -> None:
+    def __init__(self, config: DeepKSVDConfig, init: bool = True) -> None:
+        """``init=False``: the parameters allocated but not initialized, for a state dict to fill."""
         super().__init__()
         self.config = config
         p, K = config.patch_size, config.atoms
         m = p * p
-        g = torch.Generator().manual_seed(config.init_seed)
-        D0 = overcomplete_dct(p, math.isqrt(K))  # (m, K)
-        self.D = nn.Parameter(D0)
-        self.c = nn.Parameter(torch.tensor([float(torch.linalg.matrix_norm(D0.double(), ord=2)) ** 2]))
+        self.D = nn.Parameter(torch.empty(m, K))
+        self.c = nn.Parameter(torch.empty(1))
         widths = (m, *HIDDEN, 1)
         layers: list[nn.Module] = []
         for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
-            lin = nn.Linear(n_in, n_out)
-            nn.init.kaiming_uniform_(lin.weight, a=math.sqrt(5), generator=g)  # nn.Linear's default, seeded
-            nn.init.uniform_(lin.bias, -1 / math.sqrt(n_in), 1 / math.sqrt(n_in), generator=g)
-            layers += [lin, nn.ReLU()] if i < len(HIDDEN) else [lin]
+            layers += [nn.Linear(n_in, n_out), nn.ReLU()] if i < len(HIDDEN) else [nn.Linear(n_in, n_out)]
         self.mlp = nn.Sequential(*layers)
-        if config.lambda_init is not None:  # start as fixed-λ ISTA on the DCT: W₄ = 0, b₄ = λ₀
-            nn.init.zeros_(layers[-1].weight)
-            nn.init.constant_(layers[-1].bias, config.lambda_init)
-        self.w = nn.Parameter(1 + 0.1 * torch.randn(m, generator=g))
+        self.w = nn.Parameter(torch.empty(m))
         self.depth = config.depth  # active depth, see set_depth
+        if init:
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """D = the overcomplete DCT, c = ‖D‖²₂, the MLP at nn.Linear's default init and w = 1 + 0.1·N(0, 1),
+        all seeded by ``config.init_seed``."""
+        p, K = self.config.patch_size, self.config.atoms
+        g = torch.Generator().manual_seed(self.config.init_seed)
+        self.D.copy_(overcomplete_dct(p, math.isqrt(K)))  # (m, K)
+        self.c.fill_(float(torch.linalg.matrix_norm(self.D.double(), ord=2)) ** 2)
+        linears = [m for m in self.mlp if isinstance(m, nn.Linear)]  # mlp[::2]
+        for lin in linears:
+            nn.init.kaiming_uniform_(lin.weight, a=math.sqrt(5), generator=g)  # nn.Linear's default, seeded
+            bound = 1 / math.sqrt(lin.in_features)
+            nn.init.uniform_(lin.bias, -bound, bound, generator=g)
+        if self.config.lambda_init is not None:  # start as fixed-λ ISTA on the DCT: W₄ = 0, b₄ = λ₀
+            nn.init.zeros_(linears[-1].weight)
+            nn.init.constant_(linears[-1].bias, self.config.lambda_init)
+        self.w.copy_(1 + 0.1 * torch.randn(p * p, generator=g))
 
     @property
     def tiling(self) -> Tiling:

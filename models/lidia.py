@@ -108,9 +108,11 @@ class LIDIAConfig:
         check(self.weight_layers >= 0, "weight_layers", f"must be >= 0, got {self.weight_layers}")
 
 
-def _uniform(shape: tuple[int, int], g: torch.Generator) -> nn.Parameter:
-    """nn.Linear's default init U(±1/√fan_in), fan_in = shape[1], from a seeded generator."""
-    return nn.Parameter(nn.init.uniform_(torch.empty(shape), -shape[1] ** -0.5, shape[1] ** -0.5, generator=g))
+def _uniform(shape: tuple[int, ...], fan_in: int, g: torch.Generator | None) -> nn.Parameter:
+    """nn.Linear's default init U(±1/√fan_in) from a seeded generator; ``g=None``: allocated only (the model
+    was built with ``init=False``, a state dict fills it)."""
+    t = torch.empty(shape)
+    return nn.Parameter(t if g is None else nn.init.uniform_(t, -fan_in ** -0.5, fan_in ** -0.5, generator=g))
 
 
 class SepLayer(nn.Module):
@@ -118,13 +120,15 @@ class SepLayer(nn.Module):
 
     Both maps are single GEMMs in this layout; they commute, so the cheaper order is used."""
 
-    def __init__(self, k_in: int, k_out: int, f_in: int, f_out: int, g: torch.Generator,
+    def __init__(self, k_in: int, k_out: int, f_in: int, f_out: int, g: torch.Generator | None,
                  bn: bool, relu: bool) -> None:
         super().__init__()
-        self.ver, self.hor = _uniform((f_out, f_in), g), _uniform((k_out, k_in), g)  # W_v (pixels), W_h (neighbours)
-        self.bias = nn.Parameter(nn.init.xavier_normal_(torch.empty(k_out, f_out), math.sqrt(2), generator=g))  # B
+        self.ver, self.hor = _uniform((f_out, f_in), f_in, g), _uniform((k_out, k_in), k_in, g)  # W_v, W_h
+        b = torch.empty(k_out, f_out)
+        self.bias = nn.Parameter(b if g is None else nn.init.xavier_normal_(b, math.sqrt(2), generator=g))  # B
         self.bn = nn.BatchNorm2d(k_out) if bn else None
-        self.relu, self.tally = relu, None  # tally: a list collecting (non-zeros, entries) when set
+        self.relu = relu
+        self.tally: list[tuple[int, int]] | None = None  # when set, collects (non-zeros, entries) per call
         self.hor_first = k_out * f_in * (k_in + f_out) <= k_in * f_out * (f_in + k_out)  # fewer MACs
 
     def forward(self, z: Tensor) -> Tensor:
@@ -143,23 +147,27 @@ class SepLayer(nn.Module):
         return z.view(-1, m, z.shape[-1])
 
 
-def _fc_net(k: int, layers: int, g: torch.Generator) -> nn.Sequential:
+def _fc_net(k: int, layers: int, g: torch.Generator | None) -> nn.Sequential:
     """FcNet of Eq. 2: ``layers`` × (Linear K→K no bias, BN, ReLU) + Linear K→K, nn.Linear's init."""
     net = nn.Sequential(*[m for _ in range(layers) for m in (nn.Linear(k, k, bias=False), nn.BatchNorm1d(k),
                                                             nn.ReLU(inplace=True))], nn.Linear(k, k))
-    for lin in net[::3]:
-        lin.weight = _uniform((k, k), g)
-    net[-1].bias = nn.Parameter(nn.init.uniform_(torch.empty(k), -k ** -0.5, k ** -0.5, generator=g))
+    linears = [m for m in net if isinstance(m, nn.Linear)]  # net[::3]
+    for lin in linears:
+        lin.weight = _uniform((k, k), k, g)
+    linears[-1].bias = _uniform((k,), k, g)
     return net
 
 
 class LIDIA(nn.Module):
     """Two-scale non-local separable patch denoiser. See the module docstring."""
 
-    def __init__(self, config: LIDIAConfig) -> None:
+    blur: Tensor  # the 3×3 binomial filter h (a non-persistent buffer)
+
+    def __init__(self, config: LIDIAConfig, init: bool = True) -> None:
+        """``init=False``: the layers allocated but not drawn, for a state dict to fill."""
         super().__init__()
         self.config = config
-        g = torch.Generator().manual_seed(config.init_seed)
+        g = torch.Generator().manual_seed(config.init_seed) if init else None
         K, F_, n, two = config.neighbours, config.width, config.channels * config.patch_size ** 2, config.blocks == 2
         layer = lambda k_in, k_out, f_in, f_out, bn=True, relu=True: SepLayer(k_in, k_out, f_in, f_out, g, bn, relu)
         self.weight_net = nn.ModuleList(_fc_net(K, config.weight_layers, g) for _ in range(2))
@@ -199,7 +207,7 @@ class LIDIA(nn.Module):
         energy = stack[0].var(dim=-1, keepdim=True) * stack.shape[-1]  # p²C·var(P_s(i)) (unbiased, official)
         return stack, torch.cat([dist.reshape(-1, K)[:, 1:], energy], 1)
 
-    def _aggregate(self, s: int, pre: Tensor, hw: tuple[int, int], b: int) -> Tensor:
+    def _aggregate(self, s: int, pre: Tensor, hw: tuple[int, ...], b: int) -> Tensor:
         """𝒜_s of Eq. 6: patch estimates (M, Cp²) -> their fold-average, unfolded again (1, M, Cp²)."""
         p, st, d = self.config.patch_size, self.config.stride, 2 ** s
         smooth = (lambda t: self._blur(F.pad(t, (1,) * 4, mode="reflect"))) if s == 1 else None
@@ -207,9 +215,9 @@ class LIDIA(nn.Module):
         return F.unfold(est, p, dilation=d, stride=st).transpose(1, 2).reshape(1, -1, pre.shape[-1])
 
     def _stage(self, layers: nn.ModuleList, a: Tensor | None, z: Tensor) -> Tensor:
-        """Eqs. 5 and 7: x = L_first(z); x ← a·x + (1 − a)·L_second(x) when there are two blocks."""
+        """Eqs. 5 and 7: x = L_first(z); x ← a·x + (1 − a)·L_second(x) when there are two blocks (a given)."""
         x = layers[0](z)
-        return torch.lerp(layers[1](x), x, a) if len(layers) == 2 else x
+        return x if a is None else torch.lerp(layers[1](x), x, a)
 
     def _chunked(self, fn, *xs: Tensor) -> Tensor:
         """fn over patch chunks (dim 1) at eval, where every stage is patch-wise; one call in training."""
@@ -235,7 +243,7 @@ class LIDIA(nn.Module):
             stack, feats = self._group(img, s)  # Eq. 1
             wts = self.weight_net[s](torch.exp(-self.alpha[s].abs() * feats))  # Eq. 2: (M, K)
             z = stack * wts.T.unsqueeze(-1)  # Eq. 3: (K, M, Cp²)
-            a1 = self.a1[s] if len(self.stage1[s]) == 2 else None
+            a1 = self.a1[s] if self.config.blocks == 2 else None
             xs.append(self._chunked(lambda z_, a=a1, s=s: self._stage(self.stage1[s], a, z_), z))  # Eq. 5: (K, M, F)
             pre = self._chunked(self.agg_pre[s], xs[-1])[0]  # Pre_s: (M, Cp²)
             if s == 0:
@@ -244,7 +252,7 @@ class LIDIA(nn.Module):
                 w11 = torch.where(wts[:, :1] < 0, -1.0, 1.0) * wts[:, :1].abs().clamp_min(_W_MIN)  # (M, 1)
                 e = self._aggregate(1, pre / w11, u1.shape[-2:], b) * w11
             ys.append(self._chunked(self.agg_post[s], e))  # Post_s: (K, M, F)
-        a2 = self.a2 if len(self.stage2) == 2 else None
+        a2 = self.a2 if self.config.blocks == 2 else None
         noise = self._chunked(lambda *t: self.out(self._stage(self.stage2, a2, torch.cat(t, 0)))[0], *xs, *ys)  # Eqs. 7–8
         est = centre - noise  # x̂(i) = P_0(i) − n̂(i)
         omega = torch.exp(-self.beta.abs() * est.var(dim=-1, unbiased=False, keepdim=True))  # (M, 1)
@@ -257,18 +265,23 @@ class LIDIA(nn.Module):
     def dictionary(self) -> Tensor:
         """The first pixel-axis transform of scale 0, W_v of L_{0,0}, as F atoms (F, C, p, p)."""
         p = self.config.patch_size
-        return self.stage1[0][0].ver.detach().view(-1, self.config.channels, p, p)
+        first = self.get_submodule("stage1.0.0")
+        assert isinstance(first, SepLayer)  # built so in __init__
+        return first.ver.detach().view(-1, self.config.channels, p, p)
 
     @torch.no_grad()
     def code_sparsity(self, y: Tensor) -> list[float]:
         """Fraction of non-zero activations after each ReLU layer (L_{0,·}, L_{1,·}, Post_0, Post_1, L_2, L_3),
         in eval mode (running BN statistics, which stay untouched)."""
-        layers, was_training = [*self.stage1[0], *self.stage1[1], *self.agg_post, *self.stage2], self.training
-        for layer in layers:
-            layer.tally = []  # one entry per patch chunk
+        groups = (*self.stage1, self.agg_post, self.stage2)  # L_{0,·}, L_{1,·}, Post_0, Post_1, L_2, L_3
+        layers = [m for group in groups for m in group.children() if isinstance(m, SepLayer)]  # all of them
+        tallies: list[list[tuple[int, int]]] = [[] for _ in layers]  # one entry per patch chunk
+        for layer, tally in zip(layers, tallies):
+            layer.tally = tally
+        was_training = self.training
         try:
             self.eval()(y)
-            return [sum(t[0] for t in lay.tally) / sum(t[1] for t in lay.tally) for lay in layers]
+            return [sum(t[0] for t in tally) / sum(t[1] for t in tally) for tally in tallies]
         finally:
             self.train(was_training)
             for layer in layers:

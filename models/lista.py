@@ -117,20 +117,34 @@ class LISTAConfig:
               "atoms", f"dct init needs atoms = channels·q² with q >= patch_size={self.patch_size}, got {self.atoms}")
 
 
+def ista_weights(config: LISTAConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(D₀, W_e, S, θ) at the ISTA values W_e = D₀ᵀ/L, S = I − D₀ᵀD₀/L, θ = λ/L (computed in float64,
+    rounded once to fp32), one copy per layer when untied."""
+    T, K, m = config.depth, config.atoms, config.channels * config.patch_size ** 2
+    D0 = initial_dictionary(config.dictionary_init, m, K, config.channels, config.init_seed).double()  # (m, K)
+    L = float(torch.linalg.matrix_norm(D0, ord=2)) ** 2
+    W_e, S = D0.T / L, torch.eye(K, dtype=D0.dtype) - D0.T @ D0 / L
+    theta = torch.full((K,), config.lam / L)
+    D0, W_e, S = D0.float(), W_e.float(), S.float()
+    if not config.tied:
+        W_e, S, theta = W_e.repeat(T, 1, 1), S.repeat(T - 1, 1, 1), theta.repeat(T, 1)
+    return D0, W_e, S, theta
+
+
 class LISTA(nn.Module):
     """LISTA denoiser on overlapping patches, tied or untied. See the module docstring."""
 
-    def __init__(self, config: LISTAConfig) -> None:
+    def __init__(self, config: LISTAConfig, init: bool = True) -> None:
+        """``init=False``: the weights allocated but not computed, for a state dict to fill."""
         super().__init__()
         self.config = config
         T, K, m = config.depth, config.atoms, config.channels * config.patch_size ** 2
-        D0 = initial_dictionary(config.dictionary_init, m, K, config.channels, config.init_seed).double()  # (m, K)
-        L = float(torch.linalg.matrix_norm(D0, ord=2)) ** 2
-        W_e, S = D0.T / L, torch.eye(K, dtype=D0.dtype) - D0.T @ D0 / L  # ISTA values, rounded once to fp32
-        theta = torch.full((K,), config.lam / L)
-        D0, W_e, S = D0.float(), W_e.float(), S.float()
-        if not config.tied:
-            W_e, S, theta = W_e.repeat(T, 1, 1), S.repeat(T - 1, 1, 1), theta.repeat(T, 1)
+        if init:
+            D0, W_e, S, theta = ista_weights(config)
+        else:
+            lead, lead_s = ((), ()) if config.tied else ((T,), (T - 1,))
+            D0, W_e, S, theta = (torch.empty(m, K), torch.empty(*lead, K, m), torch.empty(*lead_s, K, K),
+                                 torch.empty(*lead, K))
         self.W_e = nn.Parameter(W_e.contiguous())
         self.S = nn.Parameter(S.contiguous())
         self.threshold = nn.Parameter(theta.contiguous())

@@ -5,6 +5,8 @@ Nothing here knows about training, Ray, W&B or data loading.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -33,6 +35,35 @@ def box_sum(x: Tensor, p: int, dilation: int = 1, stride: int = 1) -> Tensor:
     return out
 
 
+def _offset_distances(img: Tensor, p: int, window: int, dilation: int, stride: int,
+                      rows_per_chunk: int) -> Iterator[tuple[Tensor, Tensor, torch.Size]]:
+    """Per chunk of window rows: the squared distances of the reference patches to the grid patches at
+    those offsets and the offsets' ids (row·side + col), both (N, c·side, Q), and the reference grid's
+    (Gh', Gw'). The window's offsets are channels: the shifted copies are a strided view of the padded
+    image, one subtract-square and one box sum per chunk. The patch itself (offset (0, 0)) is at +inf."""
+    n, _, h, w = img.shape
+    d, s, r = dilation, stride, window // 2
+    side = 2 * r + 1
+    padded = F.pad(img[:, 0], (r * d,) * 4, value=_PAD)  # (N, H+2rδ, W+2rδ)
+    shifts = padded.unfold(1, h, d).unfold(2, w, d)  # (N, side, side, H, W) view: shift (δdr, δdc)
+    for r0 in range(0, side, rows_per_chunk):
+        r1 = min(side, r0 + rows_per_chunk)
+        sq = torch.sub(shifts[:, r0:r1], img[:, :, None], out=img.new_empty(n, r1 - r0, side, h, w))
+        dist = box_sum(sq.square_().view(n, -1, h, w), p, d, s)  # (N, c·side, Gh', Gw')
+        q_hw = dist.shape[-2:]
+        dist = dist.view(n, r1 - r0, side, -1)
+        if r0 <= r < r1:
+            dist[:, r - r0, r] = float("inf")  # patch_knn prepends the patch itself
+        o = torch.arange(r0 * side, r1 * side, device=img.device).view(1, -1, 1).expand(n, -1, dist.shape[-1])
+        yield dist.view(n, -1, dist.shape[-1]), o, q_hw
+
+
+def _k_smallest(dist: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The min(k, C) smallest entries of ``dist`` (N, C, Q) along C, ascending, and their ``ids``."""
+    best, j = dist.topk(min(k, dist.shape[1]), dim=1, largest=False)
+    return best, ids.gather(1, j)
+
+
 @torch.no_grad()
 def patch_knn(img: Tensor, p: int, k: int, window: int, dilation: int = 1, stride: int = 1,
               rows_per_chunk: int = 8) -> tuple[Tensor, Tensor]:
@@ -44,33 +75,20 @@ def patch_knn(img: Tensor, p: int, k: int, window: int, dilation: int = 1, strid
     fewer than k−1 candidates inside the grid (tiny images) the missing entries repeat the patch itself
     at a distance ≥ 1e6.
 
-    The window's offsets are channels: the shifted copies are a strided view of the padded image, one
-    subtract-square and one box sum per chunk of offset rows, then a running top-k.
+    The distances come per chunk of offset rows (:func:`_offset_distances`), merged by a running top-k.
     """
-    n, _, h, w = img.shape
+    n, w = img.shape[0], img.shape[-1]
     d, s, r = dilation, stride, window // 2
     gw, side = w - d * (p - 1), 2 * r + 1
     if d > 1 and s % d == 0:  # queries and candidates all sit on the polyphase component (0, 0)
         dist, idx = patch_knn(img[..., ::d, ::d], p, k, window, 1, s // d, rows_per_chunk)
         sub_w = (w + d - 1) // d - (p - 1)  # grid width of the component
         return dist, d * (idx // sub_w * gw + idx % sub_w)
-    padded = F.pad(img[:, 0], (r * d,) * 4, value=_PAD)  # (N, H+2rδ, W+2rδ)
-    shifts = padded.unfold(1, h, d).unfold(2, w, d)  # (N, side, side, H, W) view: shift (δdr, δdc)
-    best_d = best_o = None
-    for r0 in range(0, side, rows_per_chunk):
-        r1 = min(side, r0 + rows_per_chunk)
-        sq = torch.sub(shifts[:, r0:r1], img[:, :, None], out=img.new_empty(n, r1 - r0, side, h, w))
-        dist = box_sum(sq.square_().view(n, -1, h, w), p, d, s)  # (N, c·side, Gh', Gw')
-        q_hw = dist.shape[-2:]
-        dist = dist.view(n, r1 - r0, side, -1)
-        if r0 <= r < r1:
-            dist[:, r - r0, r] = float("inf")  # the patch itself is prepended below
-        o = torch.arange(r0 * side, r1 * side, device=img.device).view(1, -1, 1).expand(n, -1, dist.shape[-1])
-        dist = dist.view(n, -1, dist.shape[-1])
-        if best_d is not None:
-            dist, o = torch.cat([best_d, dist], 1), torch.cat([best_o, o], 1)
-        best_d, j = dist.topk(min(k - 1, dist.shape[1]), dim=1, largest=False)  # (N, k−1, Q), sorted
-        best_o = o.gather(1, j)
+    chunks = _offset_distances(img, p, window, d, s, rows_per_chunk)
+    dist, o, q_hw = next(chunks)  # the window has side ≥ 1 rows: at least one chunk
+    best_d, best_o = _k_smallest(dist, o, k - 1)  # (N, k−1, Q), sorted
+    for dist, o, _ in chunks:
+        best_d, best_o = _k_smallest(torch.cat([best_d, dist], 1), torch.cat([best_o, o], 1), k - 1)
     rows = torch.arange(q_hw[0], device=img.device) * s
     self_idx = (rows[:, None] * gw + torch.arange(q_hw[1], device=img.device) * s).view(1, 1, -1)  # (1, 1, Q)
     idx = self_idx + d * ((best_o // side - r) * gw + best_o % side - r)  # offset id -> grid index
@@ -80,8 +98,8 @@ def patch_knn(img: Tensor, p: int, k: int, window: int, dilation: int = 1, strid
     return dist.transpose(1, 2), idx.transpose(1, 2)
 
 
-def fold_average(cols: Tensor, out_hw: tuple[int, int], p: int, dilation: int = 1, stride: int = 1,
-                 smooth=None) -> Tensor:
+def fold_average(cols: Tensor, out_hw: tuple[int, ...], p: int, dilation: int = 1, stride: int = 1,
+                 smooth: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """col2im divided by the coverage count, (N, C·p², L) -> (N, C, H, W): each pixel's average of the
     patch estimates that cover it, exact on constant patches (L: the step-s grid ending on the border).
     ``smooth`` (a linear filter, e.g. a blur) is applied to both sums before the division (a normalized

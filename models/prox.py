@@ -39,3 +39,12 @@ def soft_threshold(v: Tensor, theta: Tensor | float) -> Tensor:
     if not isinstance(theta, Tensor):
         theta = torch.tensor(float(theta), dtype=v.dtype, device=v.device)
     return _SoftThreshold.apply(v, theta.to(v.dtype))
+
+
+def soft_threshold_masks(v: Tensor, theta: Tensor) -> Tensor:
+    """The soft threshold as the official CSCNet code writes it: 1{v > θ}·(v − θ) + 1{v < −θ}·(v + θ).
+
+    Equal to :func:`soft_threshold` for θ ≥ 0; for θ < 0 both masks hold on (θ, −θ), so a code there is
+    doubled and one outside moves away from zero by |θ| (the released CSCNet weights have such filters).
+    Plain autograd: used to reproduce imported weights exactly, and to fine-tune them."""
+    return (v > theta) * (v - theta) + (v < -theta) * (v + theta)

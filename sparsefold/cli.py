@@ -5,6 +5,7 @@
     sparsefold evaluate CHECKPOINT DATA_DIR [--sigma 25] [--images N]
     sparsefold denoise [CHECKPOINT] INPUT OUTPUT
     sparsefold models [--json]
+    sparsefold import FAMILY SRC OUT [--sigma S] [--overwrite]    # an official release -> a checkpoint
     sparsefold sweep SPEC [key=value ...] [--dry-run] [--retry-errored]
     sparsefold report SWEEP_DIR [--test-dir DIR] [--images N]
     sparsefold launch [CONFIG] [key=value ...] --address ADDR [--follow] [--sweep]   # a Ray Job on a cluster
@@ -26,10 +27,12 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from sparsefold.config import ConfigError, load_run_config
+from sparsefold.config import ConfigError, NoiseConfig, dataclass_from_dict, load_run_config
 from sparsefold.errors import InputError, SparsefoldError
 from sparsefold.launch import add_parser as add_launch
 from sparsefold.launch import mask_secrets
+from sparsefold.models import MODELS
+from sparsefold.trainers.storage import bundled_models, read_config
 
 DEFAULT_MODEL = "cscnet"  # the bundled sigma=25 CSCNet (sparsefold/bundled/cscnet)
 
@@ -92,7 +95,7 @@ def cmd_shards(a: argparse.Namespace) -> int:
 
 def cmd_train(a: argparse.Namespace) -> int:
     cfg = load_run_config(a.config, a.overrides, local=True)  # before torch, Ray, W&B or any data is touched
-    if cfg.trainer.use_ray:
+    if cfg.ray.enabled:
         from sparsefold.trainers.ray_train import fit
 
         out = fit(cfg)
@@ -108,13 +111,8 @@ def cmd_train(a: argparse.Namespace) -> int:
 def noise_for(a: argparse.Namespace, meta: dict):
     """The evaluation noise: the checkpoint's training noise kind (σ range → its middle), with the
     command line's --noise/--sigma/--peak/--trials on top."""
-    from sparsefold.config import NoiseConfig, dataclass_from_dict
-
-    trained = dict((meta.get("run") or {}).get("noise") or {})
-    d = {"kind": trained.get("kind", "gaussian"), "sigma": trained.get("sigma", 25.0),
-         "peak": trained.get("peak", 4.0), "trials": trained.get("trials", 1)}
-    if trained.get("sigma_max") is not None:
-        d["sigma"] = 0.5 * (d["sigma"] + trained["sigma_max"])
+    trained = dataclass_from_dict(NoiseConfig, (meta.get("run") or {}).get("noise") or {}, "noise").at_evaluation()
+    d = {"kind": trained.kind, "sigma": trained.sigma, "peak": trained.peak, "trials": trained.trials}
     for key in ("noise", "sigma", "peak", "trials"):
         if getattr(a, key, None) is not None:
             d["kind" if key == "noise" else key] = getattr(a, key)
@@ -188,22 +186,30 @@ def cmd_denoise(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(a: argparse.Namespace) -> int:
+    """An authors' release -> a checkpoint directory (``trainers/importers.py``); SRC is only read."""
+    from sparsefold.trainers.importers import import_release
+
+    check_sigma(a.sigma)
+    out = import_release(a.family, a.src, a.out, sigma=a.sigma, overwrite=a.overwrite)
+    print(f"[sparsefold] imported {a.src} -> {out['checkpoint']} ({out['model']}, {out['params']:,} params, "
+          f"sigma={out['sigma']:g})", file=sys.stderr)
+    _print_json(out)
+    return 0
+
+
 def cmd_models(a: argparse.Namespace) -> int:
     """Lists without building a model (a build runs the power-method init: seconds): an architecture's count
     is its registry entry's, a bundled model's the ``params`` its config.json was bundled with (both are
-    checked against a built model by the tests)."""
-    from sparsefold.models import MODELS
-    from sparsefold.trainers.checkpoint import BUNDLED_DIR, is_complete, read_config
-
+    checked against a built model by the tests). Imports no torch (tests/test_registry.py checks it)."""
     archs = [{"name": n, "params": e.params, "summary": e.summary} for n, e in MODELS.items()]
     bundled = []
-    for d in sorted(BUNDLED_DIR.iterdir()) if BUNDLED_DIR.is_dir() else []:
-        if is_complete(d):
-            meta = read_config(d)
-            noise = meta["run"]["noise"]
-            bundled.append({"name": d.name, "model": meta["model"]["name"], "params": meta["params"],
-                            "noise": noise["kind"], "sigma": noise["sigma"] if noise["kind"] == "gaussian" else None,
-                            "peak": noise["peak"] if noise["kind"] == "poisson" else None, "path": str(d)})
+    for d in bundled_models():
+        meta = read_config(d)
+        noise = meta["run"]["noise"]
+        bundled.append({"name": d.name, "model": meta["model"]["name"], "params": meta["params"],
+                        "noise": noise["kind"], "sigma": noise["sigma"] if noise["kind"] == "gaussian" else None,
+                        "peak": noise["peak"] if noise["kind"] == "poisson" else None, "path": str(d)})
     if a.json:
         _print_json({"architectures": archs, "bundled": bundled})
         return 0
@@ -298,6 +304,17 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--adapt-lr", type=float, default=1e-4)
     s.add_argument("--max-memory", type=memory_size, help=MAX_MEMORY_HELP)
     s.set_defaults(fn=cmd_denoise)
+    s = sub.add_parser("import", help="turn the authors' released weights into a sparsefold checkpoint",
+                       description="FAMILY cscnet: a drorsimon/CSCNet sigma_*.model with its .config beside it; "
+                       "dncnn: a cszn/DnCNN model.pth (a whole pickled module, read by a restricted unpickler: "
+                       "nothing in the file runs). Writes OUT (model.safetensors, config.json with the source "
+                       "file's SHA-256, manifest) for evaluate, denoise and the Python API; SRC is never modified.")
+    s.add_argument("family", help="cscnet or dncnn")
+    s.add_argument("src", type=Path, help="the released weight file")
+    s.add_argument("out", type=Path, help="checkpoint directory to write")
+    s.add_argument("--sigma", type=float, help="noise σ (0..255) it was trained for (default: what the release says)")
+    s.add_argument("--overwrite", action="store_true", help="replace OUT if it is a checkpoint directory")
+    s.set_defaults(fn=cmd_import)
     s = sub.add_parser("models", help="list architectures and bundled models")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_models)
@@ -322,7 +339,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-TENSOR_COMMANDS = ("evaluate", "denoise", "models", "report")  # train: the loop sets the allocator (runtime_for)
+TENSOR_COMMANDS = ("evaluate", "denoise", "report")  # train: the loop sets the allocator (runtime_for)
 OOM_HINTS = {"train": "lower data.batch_size or data.patch_size",
              "evaluate": "lower --max-memory or use smaller images", "denoise": "lower --max-memory"}
 PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError)

@@ -15,6 +15,7 @@ import dataclasses
 import math
 import os
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ import yaml
 # ConfigError and check live in the import-free errors module (the model files use them); importing them
 # here keeps ``from sparsefold.config import ConfigError, check`` working.
 from sparsefold.errors import ConfigError, check
+from sparsefold.models import MODELS  # plain data: torch only once a model's .config/.module is used
+from sparsefold.models.contract import Likelihood, Multilayer, NoiseChecked
 
 
 def is_url(path: str) -> bool:
@@ -36,9 +39,11 @@ def is_url(path: str) -> bool:
 
 def split_spec(spec: str) -> list[str]:
     """The parts of a shard list (``data.train``): split on ``::`` and on commas outside ``{...}`` brace
-    expressions. The one parser of that syntax (datasets/shards.py expands the parts, runtime.py makes
-    them absolute)."""
-    parts, depth, cur = [], 0, []
+    expressions. The one parser of that syntax (datasets/shards.py expands the parts, trainers/storage.py
+    makes them absolute)."""
+    parts: list[str] = []
+    cur: list[str] = []
+    depth = 0
     for part in spec.split("::"):
         for ch in part:
             depth += ch == "{"
@@ -51,6 +56,16 @@ def split_spec(spec: str) -> list[str]:
         parts.append("".join(cur))
         cur, depth = [], 0
     return [p.strip() for p in parts if p.strip()]
+
+
+def spec_options(spec: str) -> list[str]:
+    """The fallbacks of a data spec (``data.val``: ``A|B``, the first that exists is used), stripped, empty
+    ones dropped; a ``pipe:`` spec is one option (its shell command may hold ``|``). The one parser of that
+    syntax (datasets/prepare.py picks the option, trainers/storage.py makes them absolute, the preflight and
+    ``launch`` check them)."""
+    if str(spec).startswith("pipe:"):
+        return [str(spec)]
+    return [o.strip() for o in str(spec).split("|") if o.strip()]
 
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # trainer.precision; mapping in sparsefold/runtime.py
@@ -77,6 +92,17 @@ class NoiseConfig:
             check(self.sigma_max >= self.sigma, "sigma_max", f"must be >= sigma ({self.sigma}), got {self.sigma_max}")
         check(self.peak > 0, "peak", f"must be > 0, got {self.peak}")
         check(self.trials >= 1, "trials", f"must be >= 1, got {self.trials}")
+
+    def at_evaluation(self) -> NoiseConfig:
+        """The noise evaluation draws: a σ range collapses to its middle (the shared evaluation convention)."""
+        if self.sigma_max is None:
+            return self
+        return dataclasses.replace(self, sigma=0.5 * (self.sigma + self.sigma_max), sigma_max=None)
+
+    @property
+    def eval_sigma(self) -> float:
+        """The σ (0..255) of the evaluation noise; 0 for Poisson/Binomial data."""
+        return self.at_evaluation().sigma if self.kind == "gaussian" else 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -170,31 +196,22 @@ LOSSES = ("mse", "l1", "ssim_mixed", "multilayer", "nll")
 
 @dataclass(frozen=True, kw_only=True)
 class TrainerConfig:
-    """Steps, checkpoints, and where the run executes (plain process or Ray Train DDP)."""
+    """How long and how often: steps, validation, checkpoints, rollback after divergence, where the run's
+    files go and under which name, the seed, and an optional depth schedule / CPU-time budget."""
 
     max_steps: int = 1000
     val_every: int = 200
     ckpt_every: int = 200
     log_every: int = 10
     keep_checkpoints: int = 3
-    use_ray: bool = False
-    workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    max_failures: int = 0
     rollback_after: int = 10  # K consecutive non-finite steps -> back to the last checkpoint (0: never)
     rollback_lr_factor: float = 0.5  # the learning rate is multiplied by this at each rollback
     max_rollbacks: int = 5  # then the run stops with an error instead of looping
-    amp: bool = True
-    precision: str = "auto"  # autocast dtype when amp: auto | bf16 | fp16 | fp32 (see sparsefold/runtime.py)
-    compile: bool = False  # torch.compile the training module
-    channels_last: bool = False  # channels-last weights (GPU convolutions)
-    output_dir: str = "runs"  # a path; or a URL (s3://, gs://, file://) with use_ray=true
+    output_dir: str = "runs"  # a path; or a URL (s3://, gs://, file://) with ray.enabled=true
     run_name: str = ""
     resume: bool = True
     seed: int = 0
     progress: bool = True
-    threads: int = 0
     depth_stages: tuple[int, ...] = ()
     budget_cpu_seconds: float = 0.0
 
@@ -204,26 +221,114 @@ class TrainerConfig:
         check(self.ckpt_every >= 1, "ckpt_every", f"must be >= 1, got {self.ckpt_every}")
         check(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
         check(self.keep_checkpoints >= 0, "keep_checkpoints", f"must be >= 0 (0 keeps all), got {self.keep_checkpoints}")
-        check(self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")
-        check(self.cpus_per_worker > 0, "cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
-        check(self.max_failures >= -1, "max_failures", f"must be >= -1 (-1 retries forever), got {self.max_failures}")
         check(self.rollback_after >= 0, "rollback_after", f"must be >= 0 (0: never roll back), got {self.rollback_after}")
         check(0 < self.rollback_lr_factor <= 1, "rollback_lr_factor", f"must be in (0, 1], got {self.rollback_lr_factor}")
         check(self.max_rollbacks >= 0, "max_rollbacks", f"must be >= 0, got {self.max_rollbacks}")
-        check(self.threads >= 0, "threads", f"must be >= 0, got {self.threads}")
-        check(self.workers == 1 or self.use_ray, "workers", "more than 1 worker needs trainer.use_ray=true")
         check("/" not in self.run_name, "run_name", "must not contain '/'")
-        check(self.precision in PRECISIONS, "precision", f"unknown {self.precision!r} (valid: {', '.join(PRECISIONS)})")
-        check(self.amp or self.precision in ("auto", "fp32"), "precision",
-              f"{self.precision} needs trainer.amp=true (amp=false means fp32)")
-        check(self.use_gpu or self.precision != "fp16", "precision", "fp16 needs trainer.use_gpu=true (on CPU: bf16 or fp32)")
-        check(self.use_ray or not is_url(self.output_dir), "output_dir",
-              f"{self.output_dir} is a URL: the plain path writes a local/NFS directory; set trainer.use_ray=true "
-              "(Ray Train uploads checkpoints to URLs) or give a path")
         check(all(d >= 1 for d in self.depth_stages) and list(self.depth_stages) == sorted(set(self.depth_stages)),
               "depth_stages", f"must be increasing depths >= 1, got {list(self.depth_stages)}")
         check(len(self.depth_stages) <= self.max_steps, "depth_stages", "more stages than max_steps")
         check(self.budget_cpu_seconds >= 0, "budget_cpu_seconds", f"must be >= 0 (0: no budget), got {self.budget_cpu_seconds}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuntimeConfig:
+    """Where and how each training process computes; sparsefold/runtime.py maps it to a device and an
+    autocast dtype (its module docstring has the table). ``precision=fp32`` means no autocast."""
+
+    use_gpu: bool = False
+    precision: str = "auto"  # autocast dtype: auto | bf16 | fp16 | fp32
+    compile: bool = False  # torch.compile the training module
+    channels_last: bool = False  # channels-last weights (GPU convolutions)
+    threads: int = 0  # torch intra-op threads per process (0: torch's default)
+
+    def __post_init__(self) -> None:
+        check(self.precision in PRECISIONS, "precision", f"unknown {self.precision!r} (valid: {', '.join(PRECISIONS)})")
+        check(self.use_gpu or self.precision != "fp16", "precision", "fp16 needs runtime.use_gpu=true (on CPU: bf16 or fp32)")
+        check(self.threads >= 0, "threads", f"must be >= 0, got {self.threads}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RayConfig:
+    """Ray Train DDP (``enabled``): ``workers`` training processes (one GPU each with runtime.use_gpu), each
+    reserving ``cpus_per_worker`` CPUs; ``max_failures`` restarts from the latest checkpoint (-1: forever)."""
+
+    enabled: bool = False
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    max_failures: int = 0
+
+    def __post_init__(self) -> None:
+        check(self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")
+        check(self.workers == 1 or self.enabled, "workers", "more than 1 worker needs ray.enabled=true")
+        check(self.cpus_per_worker > 0, "cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+        check(self.max_failures >= -1, "max_failures", f"must be >= -1 (-1 retries forever), got {self.max_failures}")
+
+
+def check_sections(trainer: TrainerConfig, ray: RayConfig) -> None:
+    """Checks across the sections that need no model (run with the rest of the preflight)."""
+    check(ray.enabled or not is_url(trainer.output_dir), "trainer.output_dir",
+          f"{trainer.output_dir} is a URL: the plain path writes a local/NFS directory; set ray.enabled=true "
+          "(Ray Train uploads checkpoints to URLs) or give a path")
+
+
+# Keys of older configs (and of the checkpoints they wrote), read as their new names; a config file or an
+# override that uses one gets a one-line deprecation notice on stderr. ``trainer.amp`` has no new name:
+# amp=false was fp32 (runtime.precision=fp32), amp=true the default.
+RENAMED = {
+    "trainer.use_ray": "ray.enabled",
+    "trainer.workers": "ray.workers",
+    "trainer.cpus_per_worker": "ray.cpus_per_worker",
+    "trainer.max_failures": "ray.max_failures",
+    "trainer.use_gpu": "runtime.use_gpu",
+    "trainer.precision": "runtime.precision",
+    "trainer.compile": "runtime.compile",
+    "trainer.channels_last": "runtime.channels_last",
+    "trainer.threads": "runtime.threads",
+}
+
+
+def deprecated(message: str) -> None:
+    print(f"[sparsefold] deprecated: {message}", file=sys.stderr, flush=True)
+
+
+def renamed_key(key: str, value: Any, notify: bool) -> tuple[str | None, Any]:
+    """The current name of the dotted ``key`` and its value (None: the key is dropped). ``notify``: say so."""
+    if key == "trainer.amp":
+        amp = _coerce(value, bool, key)
+        if notify:
+            deprecated(f"trainer.amp={str(amp).lower()}: use runtime.precision "
+                       f"({'auto' if amp else 'fp32'}; fp32 means no autocast)")
+        return (None, None) if amp else ("runtime.precision", "fp32")
+    if key in RENAMED:
+        if notify:
+            deprecated(f"{key} is now {RENAMED[key]} (read as such; the old name will be removed)")
+        return RENAMED[key], value
+    return key, value
+
+
+def migrate(d: dict[str, Any], notify: bool = False) -> dict[str, Any]:
+    """``d`` (a raw config mapping) with its old keys under their new names. A key given under both names
+    is refused (one ConfigError naming both). ``notify``: a deprecation line per old key (user input, not
+    the config.json of an old checkpoint)."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (d or {}).items()}
+    trainer = out.get("trainer")
+    if not isinstance(trainer, dict):
+        return out
+    old = sorted((n for n in trainer if f"trainer.{n}" in RENAMED or n == "amp"), key=lambda n: n == "amp")
+    for name in old:  # amp last: amp=false agrees with a precision of auto (what it meant) or fp32
+        new, value = renamed_key(f"trainer.{name}", trainer.pop(name), notify)
+        if new is None:
+            continue
+        section, field_name = new.split(".")
+        target = out.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"{section}: expected a mapping, got {target!r}")
+        agrees = target.get(field_name, value) == value or (name == "amp" and target[field_name] == "auto")
+        if not agrees:
+            raise ConfigError(f"{new}: given twice, also as trainer.{name} (its old name); keep {new}")
+        target[field_name] = value
+    return out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -250,23 +355,25 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:
         """Checks across sections: what the model can do vs the loss, the noise and the trainer."""
-        from sparsefold.models import MODELS  # late: the registry imports torch; config loads without it
-
+        check_sections(self.trainer, self.ray)
         module = MODELS[self.model.name].module if self.model.name in MODELS else None
-        if hasattr(self.model, "check_noise"):
+        if isinstance(self.model, NoiseChecked):
             self.model.check_noise(self.noise)  # e.g. a Poisson DCEA on Gaussian data
         if self.loss.kind == "multilayer" and module is not None:
-            check(hasattr(module, "reconstructions"), "loss.kind",
+            check(issubclass(module, Multilayer), "loss.kind",
                   f"multilayer needs intermediate reconstructions; model {self.model.name!r} has none")
         if self.loss.kind == "nll" and module is not None:
-            check(hasattr(module, "natural"), "loss.kind",
+            check(issubclass(module, Likelihood), "loss.kind",
                   f"nll (unsupervised) needs a likelihood model (dcea_c, dcea_uc); {self.model.name!r} has none")
         if self.trainer.depth_stages:
-            check(module is not None and hasattr(module, "set_depth"), "trainer.depth_stages",
+            # Deepening has a data member (depth), which issubclass() cannot check on a class
+            check(module is not None and callable(getattr(module, "set_depth", None)), "trainer.depth_stages",
                   f"model {self.model.name!r} has no set_depth (not an unfolded model)")
             depth = getattr(self.model, "depth", None)
             check(self.trainer.depth_stages[-1] == depth, "trainer.depth_stages",
@@ -286,6 +393,8 @@ SECTIONS: dict[str, type] = {
     "optim": OptimConfig,
     "loss": LossConfig,
     "trainer": TrainerConfig,
+    "runtime": RuntimeConfig,
+    "ray": RayConfig,
     "wandb": WandbConfig,
 }
 
@@ -385,16 +494,17 @@ def sections_from_dict(d: dict[str, Any]) -> dict[str, Any]:
     key or value there fails in milliseconds (the model section needs the model registry)."""
     if not isinstance(d, dict):
         raise ConfigError(f"config: expected a mapping of sections, got {d!r}")
+    d = migrate(d)
     unknown = sorted(set(d) - set(SECTIONS) - {"model"}, key=str)
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown section (valid: model, {', '.join(SECTIONS)})")
-    return {key: dataclass_from_dict(cls, d.get(key) or {}, key) for key, cls in SECTIONS.items()}
+    sections = {key: dataclass_from_dict(cls, d.get(key) or {}, key) for key, cls in SECTIONS.items()}
+    check_sections(sections["trainer"], sections["ray"])
+    return sections
 
 
 def run_config_from_dict(d: dict[str, Any]) -> RunConfig:
     sections = sections_from_dict(dict(d or {}))
-    from sparsefold.models import MODELS  # late: the registry imports torch; config loads without it
-
     model = d.get("model") or {}
     if not isinstance(model, dict):
         raise ConfigError(f"model: expected a mapping, got {model!r}")
@@ -407,7 +517,7 @@ def run_config_from_dict(d: dict[str, Any]) -> RunConfig:
 
 def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` strings to a nested dict (values parsed as YAML scalars)."""
-    d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (d or {}).items()}
+    d = migrate(d)  # a dict saved before the trainer/runtime/ray split (e.g. a sweep's base): its old keys first
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"{item!r}: overrides look like section.key=value")
@@ -419,6 +529,10 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
             value = parse_yaml(raw, f"the value of {key}") if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        new, value = renamed_key(".".join(parts), value, notify=True)
+        if new is None:
+            continue
+        parts = new.split(".")
         section = d.setdefault(parts[0], {})
         if not isinstance(section, dict):
             raise ConfigError(f"{parts[0]}: expected a mapping")
@@ -485,7 +599,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 def config_dict(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     """YAML file (optional) + dotted overrides -> the raw nested dict (not validated yet)."""
-    return apply_overrides(read_config_file(path) if path else {}, overrides or [])
+    return apply_overrides(migrate(read_config_file(path), notify=True) if path else {}, overrides or [])
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -510,9 +624,9 @@ def check_data_paths(data: DataConfig) -> None:
     URLs and fallbacks (``a|b``: only when every option is missing) are left to the data layer."""
     for key in ("train", "val"):
         spec = getattr(data, key)
-        options = [_plain_local(o.strip()) for o in spec.split("|")] if key == "val" else [_plain_local(spec)]
+        options = [_plain_local(o) for o in spec_options(spec)] if key == "val" else [_plain_local(spec)]
         try:
-            missing = all(p is not None and not p.exists() for p in options)
+            missing = bool(options) and all(p is not None and not p.exists() for p in options)
         except (OSError, ValueError):  # a name too long, a NUL byte
             missing = True
         if missing and key == "train":  # the data layer's wording (datasets/shards.py), said before it loads
@@ -529,6 +643,7 @@ def check_output_dir(trainer: TrainerConfig) -> None:
     out = trainer.output_dir
     if is_url(out):
         return
+    p: Path | str  # the path reported: the nearest existing ancestor, or ``out`` itself if unusable
     try:
         p = Path(out).expanduser().absolute()
         while not p.exists() and p != p.parent:

@@ -48,14 +48,16 @@ import shlex
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from sparsefold.config import ConfigError, is_url, load_run_config
+from sparsefold.config import ConfigError, is_url, load_run_config, spec_options
 from sparsefold.sweeps.spec import load_spec
+from sparsefold.trainers.ray_env import RAY_TRAIN_ENV
 
 SUBPACKAGES = ("models", "datasets", "trainers", "sweeps")  # = pyproject's packages (tests/test_launch.py)
 ROOT_FILES = ("pyproject.toml", "README.md")  # from the checkout's top level
@@ -70,8 +72,7 @@ SECRET_ASSIGNMENT = re.compile(  # NAME=value, NAME: value, "NAME": "value" in t
     r"\b([\w.-]*(?:" + SECRET_NAME.pattern + r")[\w.-]*)([\"']?\s*[=:]\s*)(\"[^\"]*\"|'[^']*'|[^\s,;]+)", re.IGNORECASE)
 JOB_ENV = {  # defaults of the job's env_vars (reach driver, Train controller and workers)
     "PYTHONUNBUFFERED": "1",  # logs stream while the job runs
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",  # ~2 s per report otherwise (Ray 2.60, measured)
-    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",  # the autoscaler may need minutes for GPU nodes
+    **RAY_TRAIN_ENV,
 }
 
 
@@ -115,7 +116,7 @@ def _copy_allowed(src: Path, dst: Path) -> None:
                 pass
 
 
-def stage(dest: Path, files: list[Path] = ()) -> dict[Path, str]:
+def stage(dest: Path, files: Sequence[Path] = ()) -> dict[Path, str]:
     """Fill ``dest`` with the job's working_dir (an allowlist: module docstring); returns {file given: its
     path in dest}."""
     pkgs, root = package_dirs(), project_root()
@@ -173,7 +174,7 @@ def _warn(msg: str) -> None:
 
 def _only_relative(spec: str) -> list[str]:
     """The options of a data spec (``a|b`` fallbacks) when every one is a relative local path, else []."""
-    options = [o.strip() for o in str(spec).split("|") if o.strip()]
+    options = spec_options(spec)
     relative = [p for p in options if p != "builtin:skimage" and not is_url(p) and not p.startswith("pipe:")
                 and not os.path.isabs(os.path.expanduser(p))]
     return relative if len(relative) == len(options) else []
@@ -183,7 +184,8 @@ def check_train(config: str | None, overrides: list[str]) -> tuple[str | None, l
     """Validate a training config as ``sparsefold train`` would, plus what a cluster needs; returns the
     config file (None: the packaged quickstart) and the overrides. Raises ConfigError."""
     if config is not None and "=" in config:
-        config, overrides = None, [config, *overrides]
+        overrides = [config, *overrides]
+        config = None
     cfg = load_run_config(config, overrides)
     out = cfg.trainer.output_dir
     if not is_url(out) and not os.path.isabs(os.path.expanduser(out)):
@@ -193,8 +195,8 @@ def check_train(config: str | None, overrides: list[str]) -> tuple[str | None, l
         for p in _only_relative(getattr(cfg.data, key)):
             _warn(f"data.{key}: {p!r} is relative: the job resolves it in its working directory on the cluster "
                   "(a copy of the project); use an absolute path every node sees, or s3://, gs://, https:// shards")
-    if not cfg.trainer.use_ray:
-        _warn("trainer.use_ray=false: the training runs inside the job's driver process (on the head node)")
+    if not cfg.ray.enabled:
+        _warn("ray.enabled=false: the training runs inside the job's driver process (on the head node)")
     return config, overrides
 
 

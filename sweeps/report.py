@@ -23,7 +23,7 @@ import math
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 
@@ -37,8 +37,17 @@ REFERENCES = {
 }
 
 
-def _finite(x: Any) -> bool:
+def _finite(x: Any) -> TypeGuard[float]:
+    """A finite number (not None, NaN, inf or a string): what a CSV/JSON cell must be to count."""
     return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _trial_error(trial_path: str | None) -> str | None:
+    """The last line (≤ 300 characters) of the error.txt Tune writes into a failed trial's folder."""
+    if trial_path is None or not (err_file := Path(trial_path) / "error.txt").is_file():
+        return None
+    lines = [ln for ln in err_file.read_text(errors="replace").splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else "error"
 
 
 def collect_trials(sweep_dir: Path, spec: SweepSpec) -> list[dict[str, Any]]:
@@ -46,7 +55,7 @@ def collect_trials(sweep_dir: Path, spec: SweepSpec) -> list[dict[str, Any]]:
     reported, best validation PSNR, and its Ray Train run dir. Reads files only (no Ray cluster)."""
     from ray.tune import ExperimentAnalysis
 
-    from sparsefold.trainers.loop import run_dir_of
+    from sparsefold.trainers.storage import run_dir_of
 
     ea = ExperimentAnalysis(str(sweep_dir))
     dfs = ea.trial_dataframes
@@ -62,11 +71,7 @@ def collect_trials(sweep_dir: Path, spec: SweepSpec) -> list[dict[str, Any]]:
         status = trial.status.lower()
         if status == "terminated":
             status = "done" if steps >= cfg.trainer.max_steps else "stopped"
-        error = None
-        err_file = Path(trial.path) / "error.txt"
-        if err_file.is_file():
-            lines = [ln for ln in err_file.read_text(errors="replace").splitlines() if ln.strip()]
-            error = lines[-1][:300] if lines else "error"
+        error = _trial_error(trial.path)
         timed = [r for r in rows if _finite(r.get("time_total_s")) and _finite(r.get("step"))]
         last_iter = (timed[-1]["time_this_iter_s"], int(timed[-1]["step"]) - int(timed[-2]["step"])) \
             if len(timed) >= 2 else (None, None)  # seconds and steps of the last validation interval
@@ -106,16 +111,16 @@ def best_checkpoint(run_dir: Path, val_every: int, max_steps: int) -> tuple[Path
     """(the persisted Ray Train checkpoint of ``run_dir`` with the best val PSNR, its state.json, the
     latest checkpoint's state.json). Only checkpoints taken at a validation step compete: a
     checkpoint-only one carries the previous validation's metrics."""
-    from sparsefold.trainers.checkpoint import STATE, is_complete
+    from sparsefold.trainers.storage import STATE, is_complete
 
-    found = []
+    found: list[tuple[float, int, Path, dict[str, Any]]] = []  # (val PSNR or -inf, step, folder, state)
     for d in Path(run_dir).iterdir() if Path(run_dir).is_dir() else []:
         if is_complete(d):  # Ray Train's persisted checkpoints (step_<n>)
-            state = json.loads((d / STATE).read_text())
+            state: dict[str, Any] = json.loads((d / STATE).read_text())
             step = int(state.get("step", 0))
             psnr = (state.get("metrics") or {}).get("val/psnr")
-            valid = _finite(psnr) and (step % val_every == 0 or step == max_steps)
-            found.append((psnr if valid else -math.inf, step, d, state))
+            at_validation = step % val_every == 0 or step == max_steps
+            found.append((psnr if _finite(psnr) and at_validation else -math.inf, step, d, state))
     if not found:
         return None, {}, {}
     best = max(found, key=lambda f: (f[0], f[1]))
@@ -248,9 +253,9 @@ def make_report(sweep_dir: Path, test_dir: Path | None = None, images: int = 0, 
     y = "test_psnr" if test_files and any(_finite(r["test_psnr"]) for r in rows) else "best_val_psnr"
     ref_set = Path(test_dir).name.lower() if test_dir and y == "test_psnr" else ""
     sigma = int(noise.sigma) if noise.kind == "gaussian" and noise.sigma_max is None and noise.sigma.is_integer() else None
-    refs = REFERENCES.get(ref_set, {}).get(sigma, {})
+    refs = REFERENCES.get(ref_set, {}).get(sigma, {}) if sigma is not None else {}
     savings = compute_savings(rows)
-    test_name = f"{Path(test_dir).name} ({len(test_files)} images)" if test_files else "none"
+    test_name = f"{Path(test_dir).name} ({len(test_files)} images)" if test_dir and test_files else "none"
     title = (f"sweep {spec.name}: {y} vs cost, σ={noise.sigma:g}, test set {test_name}"
              + ("" if refs else " — no published reference for this set/σ"))
     pareto_plot(rows, y, refs, title, out / "pareto.png")
@@ -295,7 +300,7 @@ def log_report(spec: SweepSpec, rows: list[dict], keys: list[str], out: Path, sa
     import wandb
 
     os.environ.setdefault("WANDB_SILENT", "true")
-    cols = ["trial_id", "status", *keys, *COLUMNS[2:-1]]
+    cols: list[str | int] = ["trial_id", "status", *keys, *COLUMNS[2:-1]]  # the type wandb.Table asks for
     data = [[r["trial_id"], r["status"], *[r["params"].get(k) for k in keys], *[r.get(c) for c in COLUMNS[2:-1]]]
             for r in rows]
     run = wandb.init(project=base.project, entity=base.entity or None, group=spec.name, job_type="report",

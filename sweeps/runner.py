@@ -31,6 +31,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from sparsefold.config import ConfigError
 from sparsefold.sweeps.report import collect_trials, compute_savings
 from sparsefold.sweeps.spec import SPEC_FILE, SweepSpec
+from sparsefold.trainers.ray_env import use_ray_train_env
 
 SUMMARY_FILE = "summary.json"
 
@@ -73,13 +74,14 @@ def tuner_parts(spec: SweepSpec) -> tuple[dict, Any, Any]:
     """(param_space, TuneConfig, tune.RunConfig) from the spec: Ray Tune's own searchers and scheduler."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import SearchAlgorithm, Searcher
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     s, c = spec.search, spec.scheduler
     if s.kind == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        search_alg = OptunaSearch(seed=s.seed)
+        search_alg: Searcher | SearchAlgorithm = OptunaSearch(seed=s.seed)
     else:
         # a SearchAlgorithm, not a Searcher: Tune ignores TuneConfig.max_concurrent_trials for it
         search_alg = BasicVariantGenerator(random_state=s.seed, max_concurrent=spec.max_concurrent_trials)
@@ -128,10 +130,10 @@ def init_local_ray(num_cpus: int | None = None, env: dict[str, str] | None = Non
 
 
 def _init_ray(spec: SweepSpec) -> None:
-    # Before Ray starts (propagated to Train controllers and workers).
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
     import ray
+
+    # Before Ray starts (propagated to Train controllers and workers).
+    use_ray_train_env()
 
     if not ray.is_initialized():  # keep the dashboard: Train's placement-group cleanup needs it (Ray 2.60)
         if os.environ.get("RAY_ADDRESS"):
@@ -196,7 +198,7 @@ def log_summary(spec: SweepSpec, trials: list[dict]) -> None:
     import wandb
 
     keys = [d.key for d in spec.space]
-    cols = ["trial_id", "status", *keys, "steps", "max_steps", "best_val_psnr", "best_step"]
+    cols: list[str | int] = ["trial_id", "status", *keys, "steps", "max_steps", "best_val_psnr", "best_step"]
     rows = [[t["trial_id"], t["status"], *[t["params"].get(k) for k in keys], t["steps"], t["max_steps"],
              t.get("best_val_psnr"), t.get("best_step")] for t in trials]
     os.environ.setdefault("WANDB_SILENT", "true")

@@ -51,8 +51,9 @@ from sparsefold.config import (
 
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 METRICS = ("val_psnr", "val/ssim")
-SET_BY_SWEEP = {"trainer.use_ray", "trainer.workers", "trainer.cpus_per_worker", "trainer.use_gpu",
-                "trainer.output_dir", "trainer.run_name", "trainer.progress", "trainer.resume", "wandb.group"}
+SET_BY_SWEEP = {"ray.enabled", "ray.workers", "ray.cpus_per_worker", "runtime.use_gpu", "trainer.output_dir",
+                "trainer.use_ray", "trainer.workers", "trainer.cpus_per_worker", "trainer.use_gpu",  # their old names
+                "trainer.run_name", "trainer.progress", "trainer.resume", "wandb.group"}
 SPEC_KEYS = ("name", "storage", "base", "space", "search", "scheduler", "resources",
              "max_concurrent_trials", "max_failures")
 SPEC_FILE = "sweep_spec.json"  # the resolved spec, saved in the sweep dir (read back by the report and resume)
@@ -212,8 +213,8 @@ class SweepSpec:
         d = apply_overrides(self.base, [f"{k}={json.dumps(point[k])}" for k in keys])
         r = self.resources
         d = apply_overrides(d, [
-            "trainer.use_ray=true", f"trainer.workers={r.workers}", f"trainer.cpus_per_worker={r.cpus_per_worker}",
-            f"trainer.use_gpu={str(r.gpus_per_worker > 0).lower()}", f"trainer.output_dir={json.dumps(str(self.sweep_dir / 'trials'))}",
+            "ray.enabled=true", f"ray.workers={r.workers}", f"ray.cpus_per_worker={r.cpus_per_worker}",
+            f"runtime.use_gpu={str(r.gpus_per_worker > 0).lower()}", f"trainer.output_dir={json.dumps(str(self.sweep_dir / 'trials'))}",
             f"trainer.run_name={self.name}-{trial_id}", "trainer.progress=false", "trainer.resume=true",
             f"wandb.group={self.name}"])
         return RunConfig.from_dict(d)

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable
+from importlib.util import find_spec
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
+from sparsefold.launch import SUBPACKAGES
+from sparsefold.trainers.ray_env import use_ray_train_env
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -14,13 +20,33 @@ os.environ.setdefault("WANDB_SILENT", "true")
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+def _only_python(folder: str, names: list[str]) -> list[str]:
+    """copytree ``ignore``: keep .py files and sub-folders (no caches, configs, weights)."""
+    return [n for n in names if n == "__pycache__" or not (n.endswith(".py") or (Path(folder) / n).is_dir())]
+
+
+def installed_layout(dest: Path) -> Path:
+    """Copy the installed package's sources to ``dest`` in one tree (``sparsefold/models/...``): the
+    repository maps four top-level folders onto ``sparsefold.*`` (``[tool.setuptools.package-dir]``), while
+    import-linter and mypy read a package from one folder."""
+    for name in ("sparsefold", *(f"sparsefold.{sub}" for sub in SUBPACKAGES)):  # the package before its parts
+        source = find_spec(name).submodule_search_locations[0]
+        shutil.copytree(source, dest.joinpath(*name.split(".")), ignore=_only_python, dirs_exist_ok=True)
+    return dest
+
+
+@pytest.fixture
+def package_tree() -> Callable[[Path], Path]:
+    """:func:`installed_layout` (a function: ``package_tree(dest)`` fills and returns ``dest``)."""
+    return installed_layout
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("sparsefold-cache")
 
 
-@pytest.fixture
-def tiny_overrides(tmp_path, cache_dir) -> list[str]:
+def tiny_run(output_dir: Path, cache_dir: Path) -> list[str]:
     """A small, fast CSCNet run on the builtin photos (real images), W&B disabled: starting a W&B run (even
     offline: a service process) costs seconds; a test that checks what W&B writes opts in with
     ``wandb.mode=offline`` (into tmp)."""
@@ -28,33 +54,59 @@ def tiny_overrides(tmp_path, cache_dir) -> list[str]:
         "model.name=cscnet", "model.depth=4", "model.filters=16", "model.kernel_size=7", "model.stride=2",
         "data.train=builtin:skimage", "data.val=builtin:skimage", "data.val_images=2", "data.patch_size=48",
         "data.batch_size=4", "data.num_workers=0", f"data.cache_dir={cache_dir}",
-        f"trainer.output_dir={tmp_path / 'runs'}", "trainer.progress=false", "trainer.log_every=5",
+        f"trainer.output_dir={output_dir}", "trainer.progress=false", "trainer.log_every=5",
         "wandb.mode=disabled", "optim.lr=2e-3", "optim.schedule=constant",
     ]
 
 
+@pytest.fixture
+def tiny_overrides(tmp_path, cache_dir) -> list[str]:
+    """:func:`tiny_run` into ``<tmp_path>/runs``."""
+    return tiny_run(tmp_path / "runs", cache_dir)
+
+
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
+def ray_cluster():
     """ONE local Ray cluster (2 CPUs, with the dashboard that sweeps need) for every test that needs one,
     started when the first asks (they run last: :func:`pytest_collection_modifyitems`). What the Train
-    controllers and workers read at start is set here, before Ray starts: the health-check interval, W&B
-    offline, and ``SPARSEFOLD_FAULT_DIR`` (the fault-injection hook, inert until a test writes its ``hold``
-    file). Yields ``.ray`` (the module) and ``.fault_dir``."""
+    controllers and workers read at start is set here, before Ray starts (Ray Train propagates the
+    ``RAY_TRAIN_*`` variables of the driver): the health-check interval, no preemption watcher (one actor
+    process less per fit; a local cluster is never drained), W&B offline. Yields the ``ray`` module."""
     ray = pytest.importorskip("ray")
     from sparsefold.sweeps.runner import init_local_ray
 
-    fault = tmp_path_factory.mktemp("fault")
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
-    init_local_ray(num_cpus=2, env={"WANDB_MODE": "offline", "SPARSEFOLD_FAULT_DIR": str(fault)},
-                   log_to_driver=False)
-    yield SimpleNamespace(ray=ray, fault_dir=fault)
+    use_ray_train_env()
+    os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+    init_local_ray(num_cpus=2, env={"WANDB_MODE": "offline"}, log_to_driver=False)
+    yield ray
     ray.shutdown()
+
+
+# 2-worker DDP (gloo), a checkpoint every 4 steps, a validation every 8, one restart allowed
+DDP = ["ray.enabled=true", "ray.workers=2", "ray.cpus_per_worker=0.9", "ray.max_failures=1", "data.num_workers=1",
+       "trainer.max_steps=16", "trainer.val_every=8", "trainer.ckpt_every=4", "trainer.keep_checkpoints=0"]
+
+
+@pytest.fixture(scope="session")
+def ddp_run(ray_cluster, tmp_path_factory, cache_dir) -> SimpleNamespace:
+    """ONE uninterrupted Ray Train run of :func:`tiny_run` + :data:`DDP` (a fit costs ~30-50 s of process
+    starts on 2 cores): what tests/test_ray.py checks of a DDP run, and the reference that the killed-worker
+    run of tests/test_fault_tolerance.py must match. ``.overrides`` (without a run name), ``.out`` (fit's
+    result)."""
+    from sparsefold.config import load_config
+    from sparsefold.trainers.ray_train import fit
+
+    overrides = tiny_run(tmp_path_factory.mktemp("ddp") / "runs", cache_dir) + DDP
+    return SimpleNamespace(overrides=overrides, out=fit(load_config(None, overrides + ["trainer.run_name=ddp"])))
+
+
+RAY_FIXTURES = {"ray_cluster", "ddp_run"}  # the session's Ray cluster, and the DDP run made on it
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests on the shared Ray cluster run last (stable order otherwise): the cluster starts once, and no
     other test shares the 2 cores with its idle processes or sees Ray already initialized."""
-    items.sort(key=lambda item: "ray_cluster" in getattr(item, "fixturenames", ()))
+    items.sort(key=lambda item: bool(RAY_FIXTURES & set(getattr(item, "fixturenames", ()))))
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,9 @@ import sparsefold.trainers.loop as loop
 from sparsefold.cli import main
 from sparsefold.config import load_config
 from sparsefold.datasets import write_shards
-from sparsefold.trainers.checkpoint import MANIFEST, OPTIM, CheckpointError, load_model, sha256_file
+from sparsefold.trainers.checkpoint import load_model
 from sparsefold.trainers.loop import train
+from sparsefold.trainers.storage import MANIFEST, OPTIM, CheckpointError, sha256_file
 
 TINY = ["model.name=dncnn", "model.depth=3", "model.features=8"]  # builds in ms
 
@@ -33,7 +34,7 @@ TINY = ["model.name=dncnn", "model.depth=3", "model.features=8"]  # builds in ms
 def fast(tiny_overrides, tmp_path, monkeypatch) -> list[str]:
     monkeypatch.setenv("SPARSEFOLD_NO_MALLOPT", "1")  # cli.main in this process: leave malloc alone
     val = make_images(tmp_path / "val", 2)
-    return tiny_overrides + TINY + [f"data.val={val}", "wandb.mode=disabled", "trainer.threads=1",
+    return tiny_overrides + TINY + [f"data.val={val}", "wandb.mode=disabled", "runtime.threads=1",
                                     "trainer.val_every=1000", "trainer.progress=false"]
 
 
@@ -63,7 +64,7 @@ def test_data_errors_fail_before_ray_starts(case, expected, fast, tmp_path, caps
     (tmp_path / "empty").mkdir()
     if case == "too_few":
         train_spec[case] = write_shards(make_images(tmp_path / "img", 6), tmp_path / "sh", shard_size=2)
-    args = fast + [f"data.train={train_spec[case]}", "trainer.use_ray=true", "trainer.workers=2",
+    args = fast + [f"data.train={train_spec[case]}", "ray.enabled=true", "ray.workers=2",
                    "data.num_workers=2"]
     assert main(["train", *args]) == 2
     assert expected in one_error_line(capsys.readouterr().err)

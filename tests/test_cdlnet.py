@@ -212,6 +212,12 @@ def test_non_adaptive_model_ignores_sigma() -> None:
         assert torch.equal(model(y), model(y, 25.0))
 
 
+def test_adaptive_thresholds_need_sigma() -> None:
+    """forward fills σ in (:meth:`noise_level`); a direct call without it names what is missing."""
+    with pytest.raises(ValueError, match="sigma is required"):
+        small().thresholds(0, None)
+
+
 def test_sigma_none_uses_the_mad_estimate() -> None:
     model = small(depth=3, filters=8)
     with torch.no_grad():

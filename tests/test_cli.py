@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from sparsefold.cli import main
-from sparsefold.trainers.checkpoint import BUNDLED_DIR, is_complete
+from sparsefold.trainers.storage import BUNDLED_DIR, bundled_models
 
 
 @pytest.fixture
@@ -116,7 +116,7 @@ def test_bundled_default_model_denoises(tmp_path, run):
 # gains ~5 dB here) on the same image and noise.
 
 FAMILIES = ("cscnet", "lista", "ksvd", "lidia", "dcea", "dncnn")  # issue 3: one bundle name containing each
-BUNDLED = sorted(d.name for d in BUNDLED_DIR.iterdir() if is_complete(d)) if BUNDLED_DIR.is_dir() else []
+BUNDLED = [d.name for d in bundled_models()]
 MARGIN_DB = 2.0  # over the noisy input; measured gains on this crop: 2.5 dB (lidia, 177 steps) to 8+ dB
 OVER_INIT_DB = 1.0  # over the untrained model (e.g. lista: 25.5 dB at init on this crop)
 
@@ -158,8 +158,8 @@ def untrained_psnr(name: str, photo_dir: Path) -> float:
     """PSNR of the bundle's architecture at initialization, with the noise ``sparsefold evaluate`` uses."""
     from sparsefold.config import NoiseConfig, dataclass_from_dict
     from sparsefold.models import MODELS, build_model
-    from sparsefold.trainers.checkpoint import read_config
     from sparsefold.trainers.evaluate import evaluate_images
+    from sparsefold.trainers.storage import read_config
 
     meta = read_config(BUNDLED_DIR / name)
     model = build_model(dataclass_from_dict(MODELS[meta["model"]["name"]].config, meta["model"], "model"))

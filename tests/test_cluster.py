@@ -219,7 +219,7 @@ def test_rayjob_shape_and_versions():
             assert c["image"].split(":", 1)[1].startswith(rcs["rayVersion"] + "-"), c["image"]
     # one GPU worker pod per Ray Train worker
     _, overrides = entrypoint()
-    n_workers = int(dict(o.split("=", 1) for o in overrides)["trainer.workers"])
+    n_workers = int(dict(o.split("=", 1) for o in overrides)["ray.workers"])
     assert workers["replicas"] == workers["minReplicas"] == n_workers
 
 
@@ -249,15 +249,14 @@ def test_rayjob_overrides_are_valid_sparsefold_config():
 
     _, overrides = entrypoint()
     cfg = run_config_from_dict(apply_overrides({}, overrides))  # raises ConfigError on a bad override
-    assert cfg.trainer.use_ray and cfg.trainer.use_gpu and cfg.trainer.workers >= 2
+    assert cfg.ray.enabled and cfg.runtime.use_gpu and cfg.ray.workers >= 2
 
 
 def test_rayjob_config_file_and_storage(tmp_path):
     """The entrypoint's config comes from the ConfigMap mounted on the head; with the overrides it loads,
     and Ray's storage_path (trainer.output_dir) is a bucket URL or on the shared volume every pod mounts."""
     from sparsefold.config import is_url, load_config
-    from sparsefold.trainers.loop import run_dir_of
-    from sparsefold.trainers.ray_train import storage_of
+    from sparsefold.trainers.storage import run_dir_of, storage_of
 
     job = rayjob()
     config_path, overrides = entrypoint()
@@ -276,7 +275,7 @@ def test_rayjob_config_file_and_storage(tmp_path):
     storage, name, _ = storage_of(cfg)
     assert storage == out.rstrip("/") and name == run_dir_of(cfg).name, "Ray's storage_path is trainer.output_dir"
     if is_url(out):  # a bucket: Ray Train writes there itself, nothing to mount
-        assert cfg.trainer.use_ray
+        assert cfg.ray.enabled
         return
     assert PurePosixPath(out).is_absolute(), "a relative output_dir would land in the job's temporary directory"
     (workers,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]

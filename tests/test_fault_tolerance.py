@@ -1,19 +1,22 @@
 """Fault tolerance: which checkpoint a restart picks, atomic/verified checkpoints, rollback after
 non-finite steps, a killed driver started again (plain path), a SIGKILLed DDP worker (Ray path).
 
-Processes are stopped at known points through the test hook of trainers/checkpoint.py (fault_hook):
-with SPARSEFOLD_FAULT_DIR set, every training process writes ``rank<r>.pid`` there and, after the
-checkpoint of the step written in ``<dir>/hold``, waits until that file is removed.
+Processes are stopped at known points from the test side, the package has no hook for it: the killed
+driver runs the CLI with the loop's ``save_checkpoint`` wrapped to wait after the step-8 checkpoint
+(:data:`HOLD_AFTER_STEP_8`); the Ray workers get a ``fit(instrument=...)`` (:func:`hold_after`) that writes
+each rank's pid and holds its report of a known checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -26,15 +29,9 @@ from safetensors.torch import load_file
 
 import sparsefold.trainers.loop as loop
 from sparsefold.config import load_config, load_run_config
-from sparsefold.trainers.checkpoint import (
-    CheckpointError,
-    latest_checkpoint,
-    latest_in_storage,
-    load_training_state,
-    save_checkpoint,
-    verify_checkpoint,
-)
+from sparsefold.trainers.checkpoint import load_training_state, save_checkpoint
 from sparsefold.trainers.loop import train
+from sparsefold.trainers.storage import CheckpointError, latest_checkpoint, verify_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,7 +53,7 @@ TINY = ["model.name=dncnn", "model.depth=3", "model.features=8"]  # builds in ms
 
 @pytest.fixture
 def fast(tiny_overrides, small_val) -> list[str]:
-    return tiny_overrides + TINY + [f"data.val={small_val}", "wandb.mode=disabled", "trainer.threads=1",
+    return tiny_overrides + TINY + [f"data.val={small_val}", "wandb.mode=disabled", "runtime.threads=1",
                              "trainer.val_every=1000", "trainer.ckpt_every=4", "trainer.keep_checkpoints=0"]
 
 
@@ -110,23 +107,23 @@ def test_latest_in_remote_storage_downloads_and_verifies(tmp_path):
             mem.pipe(f"/bucket/run/{local.name}/{f.name}", f.read_bytes())
     mem.pipe("/bucket/run/step_0000009/state.json", b'{"step": 9, "tampered": true}')  # newest: tampered
     fs = pafs.PyFileSystem(pafs.FSSpecHandler(mem))
-    got = latest_in_storage(fs, "/bucket/run", download_to=tmp_path / "dl")
+    got = latest_checkpoint("/bucket/run", fs, download_to=tmp_path / "dl")
     assert got == tmp_path / "dl" / "step_0000006" and json.loads((got / "state.json").read_text())["step"] == 6
     verify_checkpoint(got)
     mem.rm("/bucket", recursive=True)
 
 
 def test_driver_side_resume_is_announced_or_refused(tmp_path, capsys):
-    from sparsefold.trainers.ray_train import announce_resume
+    from sparsefold.trainers.loop import resume_point
 
     model, opt, cfg = tiny_model_and_cfg()
-    assert announce_resume(cfg, str(tmp_path / "fresh")) is None and capsys.readouterr().err == ""
+    assert resume_point(cfg, str(tmp_path / "fresh")) is None and capsys.readouterr().err == ""
     save_checkpoint(tmp_path / "old" / "step_0000007", model, cfg, {"step": 7}, opt)
-    assert announce_resume(cfg, str(tmp_path / "old")).name == "step_0000007"
+    assert resume_point(cfg, str(tmp_path / "old")).name == "step_0000007"
     assert "resuming run old from step 7" in capsys.readouterr().err
     no_resume = load_config(None, TINY + ["trainer.resume=false"])
     with pytest.raises(FileExistsError, match="trainer.resume=true"):
-        announce_resume(no_resume, str(tmp_path / "old"))
+        resume_point(no_resume, str(tmp_path / "old"))
 
 
 # ------------------------------------------------------------------ NaN/Inf: skip, then roll back
@@ -153,8 +150,8 @@ def poison(monkeypatch, bad: dict[int, str]) -> dict:
     calls = {"n": 0, "inputs": [], "weights": []}
     real = loop.build_model
 
-    def build(model_cfg):
-        model = real(model_cfg)
+    def build(model_cfg, **kw):
+        model = real(model_cfg, **kw)
         forward = model.forward
 
         def poisoned(y, sigma=None):
@@ -209,8 +206,8 @@ def test_resume_is_bit_identical_even_with_random_forward(fast, monkeypatch):
     (seed, rank, step) every step, so a resumed run draws what the uninterrupted one drew."""
     real = loop.build_model
 
-    def build(model_cfg):
-        model = real(model_cfg)
+    def build(model_cfg, **kw):
+        model = real(model_cfg, **kw)
         forward = model.forward
         model.forward = lambda y, sigma=None: forward(y, sigma) + (0.05 * torch.randn_like(y) if torch.is_grad_enabled()
                                                                     else 0.0)
@@ -235,6 +232,25 @@ def test_rollbacks_are_bounded(fast, monkeypatch):
 
 
 # ------------------------------------------------------------------ kill the driver, start it again
+# `sparsefold train ARGS` whose driver, once the step-8 checkpoint is written, waits there to be killed
+HOLD_AFTER_STEP_8 = textwrap.dedent("""
+    import sys, time
+    import sparsefold.trainers.loop as loop
+    from sparsefold.cli import main
+
+    save = loop.save_checkpoint
+
+    def save_then_hold(path, *args, **kwargs):
+        out = save(path, *args, **kwargs)
+        while path.name == "step_0000008":
+            time.sleep(1)
+        return out
+
+    loop.save_checkpoint = save_then_hold
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
 def wait_for(pred, timeout: float, what: str, proc: subprocess.Popen | None = None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -251,26 +267,22 @@ def test_killed_driver_resumes_latest_checkpoint_when_started_again(fast, tmp_pa
     over = fast + ["trainer.max_steps=12", "trainer.progress=false"]
     ref = train(load_run_config(None, over + ["trainer.run_name=ref"]))  # uninterrupted, same config as the CLI
 
-    fault = tmp_path / "fault"
-    fault.mkdir()
-    (fault / "hold").write_text("8")  # stop after the step-8 checkpoint
-    env = {**os.environ, "SPARSEFOLD_FAULT_DIR": str(fault), "WANDB_MODE": "offline"}
-    cmd = [sys.executable, "-m", "sparsefold", "train", *over, "trainer.run_name=crash"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ckpts = Path(ref["run_dir"]).parent / "crash" / "checkpoints"
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    args = ["train", *over, "trainer.run_name=crash"]
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_AFTER_STEP_8, *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpts = Path(ref["run_dir"]).parent / "crash"
     try:
         wait_for(lambda: (latest_checkpoint(ckpts, warn=False) or Path("x")).name == "step_0000008", 300,
                  "the step-8 checkpoint", proc)
-        pid = int((fault / "rank0.pid").read_text())
-        assert pid == proc.pid
-        os.kill(pid, signal.SIGKILL)
+        os.kill(proc.pid, signal.SIGKILL)  # the driver, held right after writing the step-8 checkpoint
         proc.wait(30)
     finally:
         proc.kill()
     assert proc.returncode == -signal.SIGKILL
-    (fault / "hold").unlink()
 
-    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    again = subprocess.run([sys.executable, "-m", "sparsefold", *args], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"resuming run crash from step 8 ({ckpts / 'step_0000008'})" in again.stderr
     out = json.loads(again.stdout.strip().splitlines()[-1])
@@ -289,27 +301,49 @@ def test_killed_driver_resumes_latest_checkpoint_when_started_again(fast, tmp_pa
 
 
 # ------------------------------------------------------------------ Ray: SIGKILL one DDP worker
-# (on the session cluster of conftest.py, whose workers have SPARSEFOLD_FAULT_DIR set)
+def hold_after(fault: Path, step: int):
+    """A ``fit(instrument=...)``: every Ray worker writes its pid to ``<fault>/rank<r>.pid`` when it starts
+    and, after its report of the checkpoint of ``step`` (a barrier of all ranks; rank 0's copy is in
+    storage when it returns), waits while ``<fault>/hold`` exists. Shipped to the workers by value."""
+
+    def instrument(dist: loop.Dist) -> loop.Dist:
+        tmp = fault / f"rank{dist.rank}.pid.tmp"
+        tmp.write_text(str(os.getpid()))
+        os.replace(tmp, fault / f"rank{dist.rank}.pid")
+        report = dist.report
+
+        def held(metrics: dict, path: Path | None) -> None:
+            report(metrics, path)
+            while int(metrics["step"]) == step and (fault / "hold").exists():
+                time.sleep(0.05)
+
+        return dataclasses.replace(dist, report=held)
+
+    return instrument
+
+
 @pytest.mark.ray
-def test_sigkill_one_ddp_worker_resumes_latest_and_matches_uninterrupted(ray_cluster, fast, tmp_path):
+def test_sigkill_one_ddp_worker_resumes_latest_and_matches_uninterrupted(ddp_run, tmp_path):
+    """conftest's uninterrupted ``ddp_run`` again under another name, rank 1 SIGKILLed while both ranks
+    wait after the step-12 checkpoint (a checkpoint-only report; the last validation was at 8)."""
+    import ray.cloudpickle
+
     from sparsefold.trainers.ray_train import fit
 
-    fault = ray_cluster.fault_dir
-    over = fast + ["trainer.use_ray=true", "trainer.workers=2", "trainer.cpus_per_worker=0.9", "trainer.max_steps=12",
-                   "trainer.val_every=12", "trainer.max_failures=1", "data.num_workers=1"]
-    ref = fit(load_config(None, over + ["trainer.run_name=ref"]))
-
-    (fault / "hold").write_text("8")
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this module
+    ref, fault = ddp_run.out, tmp_path / "fault"
+    fault.mkdir()
+    (fault / "hold").write_text("")
     run = Path(ref["run_dir"]).parent / "killed"
     killed: dict = {}
 
     def killer():
         try:
-            wait_for(lambda: (latest_checkpoint(run, warn=False) or Path("x")).name == "step_0000008", 300,
-                     "the step-8 checkpoint")
+            wait_for(lambda: (latest_checkpoint(run, warn=False) or Path("x")).name == "step_0000012", 300,
+                     "the step-12 checkpoint")
             pid = int((fault / "rank1.pid").read_text())
             killed["at"] = time.monotonic()
-            os.kill(pid, signal.SIGKILL)  # rank 1's Ray worker process, while both ranks wait at step 8
+            os.kill(pid, signal.SIGKILL)  # rank 1's Ray worker process, while both ranks wait at step 12
             wait_for(lambda: int((fault / "rank1.pid").read_text()) != pid, 300, "the restarted worker group")
         except BaseException as e:  # noqa: BLE001
             killed["error"] = e
@@ -318,10 +352,10 @@ def test_sigkill_one_ddp_worker_resumes_latest_and_matches_uninterrupted(ray_clu
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    out = fit(load_config(None, over + ["trainer.run_name=killed"]))
+    out = fit(load_config(None, ddp_run.overrides + ["trainer.run_name=killed"]), instrument=hold_after(fault, 12))
     thread.join(60)
     assert "error" not in killed and "at" in killed, killed
-    assert out["steps"] == 12 and out["resumed_from_step"] == 8  # the latest checkpoint, not an older one
+    assert out["steps"] == 16 and out["resumed_from_step"] == 12  # the latest checkpoint, not an older one
     a = load_file(str(Path(ref["checkpoint"]) / "model.safetensors"))
     b = load_file(str(Path(out["checkpoint"]) / "model.safetensors"))
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)

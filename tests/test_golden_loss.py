@@ -61,7 +61,7 @@ def run_losses(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> list[float]:
         f"data.train={data}", f"data.val={data}", "data.val_images=1", "data.patch_size=32", "data.batch_size=2",
         "data.num_workers=0", "data.shuffle_buffer=8", f"data.cache_dir={tmp / 'cache'}", "noise.sigma=25",
         f"trainer.output_dir={tmp / 'runs'}", "trainer.progress=false", f"trainer.max_steps={STEPS}",
-        "trainer.log_every=1", "trainer.val_every=1000", "trainer.ckpt_every=1000", "trainer.threads=1",
+        "trainer.log_every=1", "trainer.val_every=1000", "trainer.ckpt_every=1000", "runtime.threads=1",
         "trainer.seed=7", "optim.lr=1e-3", "optim.schedule=constant", "optim.warmup_steps=0", "wandb.mode=disabled",
     ])
     loop.train(cfg)

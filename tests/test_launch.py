@@ -71,7 +71,7 @@ def test_bad_input_exits_2_before_anything_is_submitted(capsys, monkeypatch):
     assert main(["launch", "trainer.max_steps=2", "--address", UNREACHABLE]) == 2  # output_dir: runs (relative)
     assert "trainer.output_dir: 'runs' is relative" in capsys.readouterr().err
     assert main(["launch", "trainer.output_dir=s3://bucket/runs", "--address", UNREACHABLE]) == 2  # plain path
-    assert "trainer.use_ray=true" in capsys.readouterr().err
+    assert "ray.enabled=true" in capsys.readouterr().err
     assert main(["launch", "trainer.output_dir=/abs/runs"]) == 2  # no address
     assert "--address" in capsys.readouterr().err
     # a valid config does go to the cluster: here an unreachable one, one line and exit 1
@@ -180,7 +180,7 @@ def test_launch_follows_a_ray_train_job_to_url_storage(ray_head, tiny_overrides,
 
     store = tmp_path / "store"
     overrides = tiny_overrides + [
-        f"trainer.output_dir={store.as_uri()}", "trainer.use_ray=true", "trainer.cpus_per_worker=1",
+        f"trainer.output_dir={store.as_uri()}", "ray.enabled=true", "ray.cpus_per_worker=1",
         "trainer.max_steps=2", "trainer.val_every=2", "trainer.run_name=launched", "data.val_images=1"]
     cmd = [sys.executable, "-m", "sparsefold", "launch", *overrides, "--address", ray_head, "--follow",
            "--env", f"SPARSEFOLD_CACHE={tmp_path / 'node-cache'}"]  # the node-local staging dir: not ~/.cache

@@ -2,22 +2,19 @@
 
 import-linter (through grimp) reads a package from ONE folder, while this repository installs four top-level
 folders as subpackages of ``sparsefold`` (``[tool.setuptools.package-dir]``); so the installed sources are
-first copied into one tree under a tmp dir and the linter runs there, in a subprocess (its own sys.path).
-Every import counts, including one inside a function: the second test plants such imports and expects
-the contracts to break.
+first copied into one tree under a tmp dir (``installed_layout`` in conftest.py) and the linter runs
+there, in a subprocess (its own sys.path). Every import counts, including one inside a function: the
+second test plants such imports and expects the contracts to break.
 """
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
-from importlib.util import find_spec
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-from sparsefold.launch import SUBPACKAGES
 
 pytest.importorskip("importlinter")  # the dev extra; it needs Python >= 3.11
 
@@ -27,26 +24,13 @@ LINT = ("import sys; from importlinter.cli import lint_imports; "
         "sys.exit(lint_imports(config_filename=sys.argv[1], no_cache=True, no_logo=True))")
 
 
-def _only_python(folder: str, names: list[str]) -> list[str]:
-    """copytree ``ignore``: keep .py files and sub-folders (no caches, configs, weights)."""
-    return [n for n in names if n == "__pycache__" or not (n.endswith(".py") or (Path(folder) / n).is_dir())]
-
-
-def installed_layout(dest: Path) -> Path:
-    """Copy the installed package's sources to ``dest`` in one tree (``sparsefold/models/...``)."""
-    for name in ("sparsefold", *(f"sparsefold.{sub}" for sub in SUBPACKAGES)):  # the package before its parts
-        source = find_spec(name).submodule_search_locations[0]
-        shutil.copytree(source, dest.joinpath(*name.split(".")), ignore=_only_python, dirs_exist_ok=True)
-    return dest
-
-
 def lint(tree: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", LINT, str(PYPROJECT)], cwd=tree, capture_output=True,
                           text=True, timeout=120)
 
 
-def test_the_import_contracts_hold(tmp_path: Path) -> None:
-    out = lint(installed_layout(tmp_path))
+def test_the_import_contracts_hold(tmp_path: Path, package_tree: Callable[[Path], Path]) -> None:
+    out = lint(package_tree(tmp_path))
     assert out.returncode == 0, out.stdout + out.stderr
     assert "0 broken" in out.stdout and " kept" in out.stdout, out.stdout
     assert "Analyzed " in out.stdout and int(out.stdout.split("Analyzed ")[1].split()[0]) >= 50  # every subpackage
@@ -62,9 +46,9 @@ PLANTED = [  # (file in the installed layout, a function-level import it gains, 
 
 
 @pytest.mark.parametrize(("path", "statement", "expected"), PLANTED, ids=[p[0].split("/", 1)[1] for p in PLANTED])
-def test_a_planted_function_level_import_breaks_a_contract(tmp_path: Path, path: str, statement: str,
-                                                            expected: list[str]) -> None:
-    tree = installed_layout(tmp_path)
+def test_a_planted_function_level_import_breaks_a_contract(tmp_path: Path, package_tree: Callable[[Path], Path],
+                                                            path: str, statement: str, expected: list[str]) -> None:
+    tree = package_tree(tmp_path)
     with open(tree / path, "a", encoding="utf-8") as f:
         f.write(f"\n\ndef _planted() -> None:\n    {statement}  # noqa\n")
     out = lint(tree)

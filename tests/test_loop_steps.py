@@ -117,14 +117,14 @@ def test_roll_back_restores_the_snapshot_and_keeps_the_run_counters(tmp_path):
 def make_run(tmp_path: Path, dist: Dist | None = None) -> tuple[Run, tuple[torch.Tensor, ...]]:
     cfg, model, opt, _, batch = setup(tmp_path)
     state = TrainState(step=4, epoch=0, batch_in_epoch=4, samples=8)
-    run = Run(cfg, dist or Dist(), select_runtime(False, amp=False), tmp_path / "runs" / "unit", model, opt, state,
+    run = Run(cfg, dist or Dist(), select_runtime(False, "fp32"), tmp_path / "runs" / "unit", model, opt, state,
               snapshot(model, opt, TrainState()))
     return run, batch
 
 
 def test_checkpoint_is_written_only_for_a_healthy_state(tmp_path, capsys):
     run, batch = make_run(tmp_path)
-    ckpts = run.run_dir / "checkpoints"
+    ckpts = run.run_dir  # <run>/step_<n>, the layout of both paths
     checkpoint(run, batch)
     assert run.last_ckpt == ckpts / "step_0000004" and run.good.state.step == 4
     stored = json.loads((ckpts / "step_0000004" / "state.json").read_text())
@@ -136,7 +136,7 @@ def test_checkpoint_is_written_only_for_a_healthy_state(tmp_path, capsys):
     with torch.no_grad():
         next(run.model.parameters())[0] = float("nan")  # non-finite weights: not checkpointed
     checkpoint(run, batch)
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step_0000004"] and run.good.state.step == 4
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000004"] and run.good.state.step == 4
     err = capsys.readouterr().err
     assert "step 5: not checkpointed (1 non-finite step in a row); the rollback target stays step 4" in err
     assert "step 6: not checkpointed (non-finite weights); the rollback target stays step 4" in err
@@ -158,7 +158,7 @@ def test_ray_reports_every_time_with_the_checkpoint_only_when_healthy(tmp_path):
     checkpoint(run, batch)
     metrics = {"step": 4, "val/psnr": 21.5, "val_psnr": 21.5}
     assert reports == [(metrics, True), (metrics, False)]  # a barrier: reported either way
-    assert not (run.run_dir / "checkpoints").exists()  # Ray's storage keeps them, not the run directory
+    assert not run.run_dir.exists()  # Ray's storage keeps them: nothing written into the run directory
 
 
 # ------------------------------------------------------------------ state.json

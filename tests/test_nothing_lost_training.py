@@ -25,15 +25,10 @@ from sparsefold.cli import main
 from sparsefold.config import load_config
 from sparsefold.errors import InputError, RunError
 from sparsefold.models import build_model
-from sparsefold.trainers.checkpoint import (
-    config_changes,
-    latest_checkpoint,
-    load_training_state,
-    prune_checkpoints,
-    verify_checkpoint,
-)
-from sparsefold.trainers.loop import run_dir_of, train
+from sparsefold.trainers.checkpoint import config_changes, load_training_state
+from sparsefold.trainers.loop import train
 from sparsefold.trainers.runlock import run_lock
+from sparsefold.trainers.storage import latest_checkpoint, prune_checkpoints, run_dir_of, verify_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,7 +42,7 @@ def fast(tiny_overrides, tmp_path) -> list[str]:
     for i in range(2):
         Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(val / f"v{i}.png")
     return tiny_overrides + ["model.name=dncnn", "model.depth=3", "model.features=8", f"data.val={val}",
-                             "wandb.mode=disabled", "trainer.threads=1", "trainer.val_every=1000",
+                             "wandb.mode=disabled", "runtime.threads=1", "trainer.val_every=1000",
                              "trainer.ckpt_every=4", "trainer.keep_checkpoints=1", "trainer.run_name=r"]
 
 
@@ -61,8 +56,8 @@ def nan_inputs_from(monkeypatch, first: int) -> list[dict]:
     seen: list[dict] = []
     real = loop.build_model
 
-    def build(model_cfg):
-        model = real(model_cfg)
+    def build(model_cfg, **kw):
+        model = real(model_cfg, **kw)
         forward = model.forward
 
         def poisoned(y, sigma=None):
@@ -94,8 +89,8 @@ def test_divergence_keeps_the_last_healthy_checkpoint_and_rolls_back_to_it(fast,
     # steps 1-11 (NaN from 6), rolled back at 11 to the weights that entered step 5, steps 5-10 again
     assert len(seen) == 11 + 6
     assert all(torch.equal(seen[11][k], v) for k, v in seen[4].items())
-    ckpts = run_dir_of(cfg) / "checkpoints"
-    assert [p.name for p in ckpts.iterdir()] == ["step_0000004"]
+    ckpts = run_dir_of(cfg)
+    assert [p.name for p in ckpts.glob("step_*")] == ["step_0000004"]
     assert latest_checkpoint(ckpts).name == "step_0000004" and finite(ckpts / "step_0000004")
     assert not (run_dir_of(cfg) / ".lock").exists()  # released by the exception
 
@@ -108,13 +103,14 @@ def test_weights_that_overflow_on_the_next_step_are_not_checkpointed(fast, capsy
     with pytest.raises(RunError, match=r"step 3 after 0 rollbacks .* last healthy state: step 0; lower optim.lr"):
         train(cfg)
     assert "step 1: not checkpointed (its weights give a non-finite loss)" in capsys.readouterr().err
-    assert latest_checkpoint(run_dir_of(cfg) / "checkpoints", warn=False) is None
+    assert latest_checkpoint(run_dir_of(cfg), warn=False) is None
 
 
 # ------------------------------------------------------------------ item 3: one writer per run dir
 LOCK_HOLDER = """
 import sys, time
 from sparsefold.trainers.runlock import run_lock
+from sparsefold.trainers.storage import latest_checkpoint, prune_checkpoints, run_dir_of, verify_checkpoint
 with run_lock(sys.argv[1]):
     print("locked", flush=True)
     time.sleep(600)
@@ -178,12 +174,12 @@ def test_prune_removes_only_this_process_temp_dirs(tmp_path):
 
 def test_resume_refuses_other_trajectory_settings_and_allows_the_rest(fast):
     train(load_config(None, fast + ["trainer.max_steps=4"]))
-    changed = fast + ["trainer.max_steps=8", "trainer.precision=fp32", "loss.kind=l1"]
+    changed = fast + ["trainer.max_steps=8", "runtime.precision=fp32", "loss.kind=l1"]
     with pytest.raises(InputError) as err:
         train(load_config(None, changed))
     msg = str(err.value)
     assert "\n" not in msg and "step_0000004" in msg and "pick another trainer.run_name" in msg
-    assert "loss.kind: 'mse' -> 'l1'" in msg and "trainer.precision: 'auto' -> 'fp32'" in msg
+    assert "loss.kind: 'mse' -> 'l1'" in msg and "runtime.precision: 'auto' -> 'fp32'" in msg
     assert "max_steps" not in msg
     # how long, how often, where it reports: free to change
     more = train(load_config(None, fast + ["trainer.max_steps=8", "trainer.log_every=2", "trainer.ckpt_every=2",
@@ -194,7 +190,7 @@ def test_resume_refuses_other_trajectory_settings_and_allows_the_rest(fast):
 def test_config_changes_lists_only_trajectory_keys(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "shards").mkdir()
-    a = load_config(None, ["data.train=shards", "trainer.amp=true"]).to_dict()
+    a = load_config(None, ["data.train=shards"]).to_dict()
     b = load_config(None, [f"data.train={tmp_path / 'shards'}", "trainer.max_steps=5", "wandb.mode=disabled",
                            "trainer.depth_stages=[]", "data.batch_size=8"]).to_dict()
     assert config_changes(a, b) == ["data.batch_size: 4 -> 8"]
@@ -229,14 +225,14 @@ def _fail_second_write(monkeypatch, how: str) -> None:
 def test_disk_full_while_checkpointing_keeps_the_previous_one(fast, monkeypatch, how):
     _fail_second_write(monkeypatch, how)
     cfg = load_config(None, fast + ["trainer.max_steps=12", "trainer.keep_checkpoints=0"])
-    ckpts = run_dir_of(cfg) / "checkpoints"
+    ckpts = run_dir_of(cfg)
     with pytest.raises(RunError) as err:
         train(cfg)
     msg = str(err.value)
     assert "\n" not in msg and msg.startswith(f"could not write checkpoint {ckpts / 'step_0000008'}: ")
     assert ("unexpected pos 64 vs 0 (disk full?)" if how == "torch" else "No space left on device") in msg
     assert f"free space or move trainer.output_dir; the previous checkpoint {ckpts / 'step_0000004'} is intact" in msg
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step_0000004"]  # the temp dir is gone
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000004"]  # the temp dir is gone
     verify_checkpoint(ckpts / "step_0000004")
     model = build_model(cfg.model)
     opt = torch.optim.Adam(model.parameters())

@@ -1,7 +1,7 @@
 """Ray Train DDP: the same loop on 2 workers (gloo), one report per validation with a checkpoint.
 
-The session's one local Ray cluster (conftest.py); each `fit` costs ~30 s on 2 cores, so there is only one fit
-here.
+The session's one local Ray cluster (conftest.py); each `fit` costs ~30-50 s on 2 cores, so the DDP run checked
+here is conftest's ``ddp_run``, shared with the fault-tolerance test, and every model trains in ONE TorchTrainer.
 """
 
 from __future__ import annotations
@@ -15,22 +15,21 @@ from sparsefold.config import load_config
 pytestmark = pytest.mark.ray
 
 
-def test_two_worker_ddp(ray_cluster, tiny_overrides, tmp_path):
+def test_two_worker_ddp(ddp_run, tmp_path_factory):
+    """conftest's session DDP run (2 workers, 16 steps, validations at 8 and 16, checkpoints every 4)."""
     from sparsefold.trainers.checkpoint import load_model
-    from sparsefold.trainers.ray_train import fit
+    from sparsefold.trainers.storage import latest_checkpoint
 
-    cfg = load_config(None, tiny_overrides + [
-        "trainer.use_ray=true", "trainer.workers=2", "trainer.cpus_per_worker=0.9", "trainer.max_steps=16",
-        "trainer.val_every=8", "trainer.run_name=ddp", "data.num_workers=1",
-    ])
-    out = fit(cfg)
-    assert out["steps"] == 16
+    out = ddp_run.out
+    assert out["steps"] == 16 and out["resumed_from_step"] is None
     assert out["samples"] == 16 * 4 * 2  # both ranks' batches count
     assert out["val_psnr"] > 20.0
     ckpt = Path(out["checkpoint"])
-    assert ckpt.is_dir() and str(ckpt).startswith(str(tmp_path))
+    assert ckpt.is_dir() and ckpt.is_relative_to(tmp_path_factory.getbasetemp())
+    assert sorted(p.name for p in ckpt.parent.glob("step_*")) == [f"step_{s:07d}" for s in (4, 8, 12, 16)]
+    assert latest_checkpoint(ckpt.parent) == ckpt  # the newest valid one: the final step's
     model, meta = load_model(ckpt)
-    assert meta["state"]["step"] == 16
+    assert meta["state"]["step"] == 16 and meta["state"]["metrics"]["val/psnr"] == out["val_psnr"]
 
 
 def _train_each(config: dict) -> list[dict]:
@@ -60,7 +59,7 @@ def test_every_model_through_ray_ddp(ray_cluster, tiny_overrides, tmp_path):
     runs = []
     for i, name in enumerate(sorted(MODELS)):  # distinct step counts: checkpoint names step_<n> stay unique
         over = [o for o in tiny_overrides if not o.startswith("model.")] + zoo.run_overrides(name) + [
-            "trainer.use_ray=true", "trainer.workers=2", f"trainer.max_steps={2 + i}", f"trainer.val_every={2 + i}",
+            "ray.enabled=true", "ray.workers=2", f"trainer.max_steps={2 + i}", f"trainer.val_every={2 + i}",
             "data.val_images=1", "data.patch_size=32", "data.batch_size=2", f"trainer.run_name=ray-{name}",
         ]
         runs.append(load_config(None, over).to_dict())

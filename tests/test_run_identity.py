@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from sparsefold.config import RunConfig, load_config
-from sparsefold.trainers.loop import run_dir_of
+from sparsefold.trainers.storage import run_dir_of
 
 
 def write_val(folder: Path, n: int = 2) -> Path:
@@ -43,7 +43,7 @@ def test_same_data_named_relatively_or_absolutely_is_the_same_run(tiny_overrides
 
 def test_a_ray_run_never_shares_the_plain_runs_directory(tiny_overrides):
     plain = run_dir_of(load_config(None, tiny_overrides))
-    ray = run_dir_of(load_config(None, tiny_overrides + ["trainer.use_ray=true"]))
+    ray = run_dir_of(load_config(None, tiny_overrides + ["ray.enabled=true"]))
     assert ray.parent == plain.parent and ray != plain
     assert ray.name.startswith("cscnet-ray-") and not plain.name.startswith("cscnet-ray-")
 
@@ -71,7 +71,7 @@ def test_ray_driver_and_workers_agree_on_the_run(tiny_overrides, tmp_path, monke
     monkeypatch.chdir(tmp_path)
     write_val(tmp_path / "val")
     over = [o for o in tiny_overrides if not o.startswith("trainer.output_dir=")]
-    ray_train.fit(load_config(None, over + ["data.val=val", "trainer.output_dir=runs", "trainer.use_ray=true"]))
+    ray_train.fit(load_config(None, over + ["data.val=val", "trainer.output_dir=runs", "ray.enabled=true"]))
     worker = RunConfig.from_dict(seen["run"])
     assert run_dir_of(worker) == Path(seen["storage"]) / seen["name"]
     assert worker.trainer.run_name == seen["name"] and worker.data.val == str(tmp_path / "val")
@@ -85,7 +85,7 @@ def _last_json(capsys) -> dict:
 @pytest.mark.slow
 def test_plain_and_ray_runs_of_a_relative_path_config_keep_to_their_own_directories(
         tiny_overrides, tmp_path, monkeypatch, capsys, ray_cluster):
-    """The issue's acceptance test, through the CLI: `sparsefold train` plain, then with trainer.use_ray=true,
+    """The issue's acceptance test, through the CLI: `sparsefold train` plain, then with ray.enabled=true,
     on a config with relative data and output paths; then `sparsefold evaluate <run_dir>` of the Ray run."""
     from sparsefold.cli import main
 
@@ -96,19 +96,18 @@ def test_plain_and_ray_runs_of_a_relative_path_config_keep_to_their_own_director
         "data.val_images=1", "data.patch_size=32", "data.batch_size=2", "wandb.mode=disabled"]
     assert main(["train", *over]) == 0
     plain = _last_json(capsys)
-    assert main(["train", *over, "trainer.use_ray=true", "trainer.cpus_per_worker=0.9"]) == 0
+    assert main(["train", *over, "ray.enabled=true", "ray.cpus_per_worker=0.9"]) == 0
     out = _last_json(capsys)
 
     runs = tmp_path / "runs"
     plain_dir, ray_dir = Path(plain["run_dir"]), Path(out["run_dir"])
     assert {p.name for p in runs.iterdir()} == {plain_dir.name, ray_dir.name} and plain_dir != ray_dir
-    assert Path(plain["checkpoint"]).parent == plain_dir / "checkpoints"  # plain layout
-    assert Path(out["checkpoint"]).parent == ray_dir  # Ray layout: <run>/step_*
-    assert not any(p.name.startswith(("step_", "checkpoint_")) for p in plain_dir.iterdir())
-    assert not (ray_dir / "checkpoints").exists()
+    # one layout for both paths: <run>/step_*, each run in its own directory
+    assert Path(plain["checkpoint"]).parent == plain_dir and Path(out["checkpoint"]).parent == ray_dir
+    assert not (plain_dir / "checkpoints").exists() and not (ray_dir / "checkpoints").exists()
     for run_dir, use_ray in ((plain_dir, False), (ray_dir, True)):
         stored = json.loads((run_dir / "config.json").read_text())
-        assert stored["trainer"]["use_ray"] is use_ray
+        assert stored["ray"]["enabled"] is use_ray
     assert json.loads((ray_dir / "config.json").read_text())["trainer"]["run_name"] == ray_dir.name
 
     assert main(["evaluate", str(ray_dir), "val", "--sigma", "25"]) == 0
@@ -141,6 +140,6 @@ def test_a_workers_expected_failure_is_one_line_on_the_driver(tiny_overrides, tm
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.chdir(tmp_path)
     write_val(tmp_path / "val")
-    assert main(["train", *tiny_overrides, "data.val=val", "trainer.use_ray=true"]) == 1
+    assert main(["train", *tiny_overrides, "data.val=val", "ray.enabled=true"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"error: {diverged}" and not any("Traceback" in ln for ln in err)

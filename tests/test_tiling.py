@@ -13,13 +13,14 @@ from PIL import Image
 from sparsefold.cli import main
 from sparsefold.errors import InputError
 from sparsefold.trainers import evaluate, tiling
-from sparsefold.trainers.checkpoint import BUNDLED_DIR, is_complete, load_model
+from sparsefold.trainers.checkpoint import load_model
 from sparsefold.trainers.evaluate import denoise, psnr
+from sparsefold.trainers.storage import bundled_models
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-BUNDLED = sorted(d.name for d in BUNDLED_DIR.iterdir() if is_complete(d))
+BUNDLED = [d.name for d in bundled_models()]
 
 
 def _photos() -> list[torch.Tensor]:

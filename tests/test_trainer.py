@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from sparsefold.config import ConfigError, load_config
-from sparsefold.trainers.checkpoint import CheckpointError, latest_checkpoint, load_model, save_checkpoint
+from sparsefold.trainers.checkpoint import load_model, save_checkpoint
 from sparsefold.trainers.loop import lr_at, train
+from sparsefold.trainers.storage import CheckpointError, latest_checkpoint
 
 
 def test_loss_falls_on_real_images(tiny_overrides):
@@ -55,7 +56,7 @@ def test_new_run_name_without_resume_refuses_to_overwrite(tiny_overrides):
         ("model.depht=3", "model.depht"),
         ("optimizer.lr=1", "optimizer"),
         ("data.train=pipe:cat x.tar", "data.train"),
-        ("trainer.workers=2", "trainer.workers"),
+        ("ray.workers=2", "ray.workers"),
         ("model.name=nope", "model.name"),
     ],
 )

@@ -15,6 +15,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from sparsefold.models.contract import Projected
 from sparsefold.models.noise_level import estimate_sigma
 
 
@@ -46,6 +47,6 @@ def adapt_to_image(model: nn.Module, noisy: Tensor, sigma: float | None = None, 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if hasattr(adapted, "project_"):
+        if isinstance(adapted, Projected):
             adapted.project_()
     return adapted.eval()

@@ -29,25 +29,20 @@ def psnr(x: Tensor, ref: Tensor) -> float:
 
 
 def ssim(x: Tensor, ref: Tensor) -> float:
+    """SSIM (Gaussian window 11, σ 1.5, data range 1) of one image (..., C, H, W), computed in float64."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
-    return float(structural_similarity_index_measure(x.reshape(1, *x.shape[-3:]).double(),
-                                                     ref.reshape(1, *ref.shape[-3:]).double(), data_range=1.0))
-
-
-def eval_sigma(noise: NoiseConfig) -> float:
-    """The σ (0..255) the evaluation noise is drawn with: noise.sigma, or the middle of a σ range; 0 for
-    Poisson/Binomial data."""
-    if noise.kind != "gaussian":
-        return 0.0
-    return noise.sigma if noise.sigma_max is None else 0.5 * (noise.sigma + noise.sigma_max)
+    value = structural_similarity_index_measure(x.reshape(1, *x.shape[-3:]).double(),
+                                                ref.reshape(1, *ref.shape[-3:]).double(), data_range=1.0)
+    assert isinstance(value, Tensor)  # a tuple only with return_full_image / return_contrast_sensitivity
+    return float(value)
 
 
 def noisy_versions(clean: list[Tensor], noise: NoiseConfig, seed: int = 0) -> list[Tensor]:
     """Seeded noisy copies. Gaussian: the shared convention (σ = noise.sigma, or the middle of a σ range).
     Poisson/Binomial: one generator seeded once, drawn in order."""
     if noise.kind == "gaussian":
-        return gaussian_eval_noise(clean, eval_sigma(noise), seed=seed)
+        return gaussian_eval_noise(clean, noise.eval_sigma, seed=seed)
     g = torch.Generator().manual_seed(seed)
     return [add_noise(x, noise, g)[0] for x in clean]
 
@@ -89,7 +84,7 @@ def evaluate_images(
     psnrs, ssims, secs, cpu, first = [], [], [], [], None
     for i, (x, y) in enumerate(zip(clean, noisy)):
         t0, c0 = time.perf_counter(), time.process_time()
-        out = denoise(model, y, device, None if blind else eval_sigma(noise), max_memory)
+        out = denoise(model, y, device, None if blind else noise.eval_sigma, max_memory)
         secs.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)  # CPU seconds of all threads: robust to other load
         psnrs.append(psnr(out, x))
@@ -126,7 +121,8 @@ def denoise_path(model: nn.Module, pairs: list[tuple[Path, Path]], gray: bool = 
     for folder in {target.parent for _, target in pairs}:
         _check_writable(folder)
     model.eval()
-    written, failed = [], []
+    written: list[Path] = []
+    failed: list[tuple[Path, str]] = []
     for f, target in pairs:
         try:
             y = load_image(f, gray=gray)

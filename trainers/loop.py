@@ -21,13 +21,12 @@ Ray report); :func:`train` strings them together, the objects of one run held in
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from sparsefold.config import ConfigError, RunConfig, is_url, to_dict
+from sparsefold.config import ConfigError, RunConfig, to_dict
 from sparsefold.datasets import (
     PatchStream,
     check_shard_count,
@@ -48,18 +47,23 @@ from sparsefold.datasets import (
 from sparsefold.datasets.patches import stable_seed
 from sparsefold.errors import RunError
 from sparsefold.models import build_model, count_parameters
-from sparsefold.runtime import Runtime, canonical_paths, runtime_for, staging_root
+from sparsefold.models.contract import CodeSparsity, Deepening, Projected
+from sparsefold.runtime import Runtime, runtime_for
 from sparsefold.trainers.checkpoint import (
     check_resume_config,
-    fault_hook,
-    latest_checkpoint,
     load_training_state,
-    prune_checkpoints,
     save_checkpoint,
 )
 from sparsefold.trainers.evaluate import evaluate_images
 from sparsefold.trainers.losses import Objective
 from sparsefold.trainers.runlock import run_lock
+from sparsefold.trainers.storage import (
+    announce_resume,
+    latest_checkpoint,
+    prune_checkpoints,
+    run_dir_of,
+    step_dir_name,
+)
 from sparsefold.trainers.tracking import NullTracker, make_tracker, model_panels
 
 
@@ -112,31 +116,6 @@ class TrainState:
         self.nonfinite_steps += int(not finite)
 
 
-def default_run_name(cfg: RunConfig) -> str:
-    """Stable name from what defines the experiment (model, data, noise, optim, loss, seed), so running the
-    same command again resumes it; changing max_steps extends the same run.
-
-    Hashed from the canonical config (:func:`~sparsefold.runtime.canonical_paths`): data named by a relative
-    path from the repository or by an absolute path from elsewhere is the same run, and a Ray worker (handed
-    absolute paths) would compute what its driver did -- though the driver hands it the name anyway.
-
-    A Ray run (``trainer.use_ray``) is ``<model>-ray-<hash>``, never the plain run's directory: the two lay
-    a run out differently (plain: ``<run>/checkpoints/step_*``; Ray Train's storage: ``<run>/step_*`` and its
-    snapshot), so in one directory neither would resume from the other's checkpoints, yet both would write
-    config.json and W&B files there. Other trainer settings (workers, precision, ...) are not in the name."""
-    key = {k: v for k, v in canonical_paths(cfg).to_dict().items() if k not in ("trainer", "wandb")}
-    key["seed"] = cfg.trainer.seed
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
-    return f"{cfg.model.name}-{'ray-' if cfg.trainer.use_ray else ''}{digest}"
-
-
-def run_dir_of(cfg: RunConfig) -> Path:
-    """Local directory of the run: ``<output_dir>/<run name>``. When output_dir is a URL (Ray path only),
-    a node-local staging directory instead: Ray Train uploads the checkpoints, ray_train.py the rest."""
-    name, out = cfg.trainer.run_name or default_run_name(cfg), cfg.trainer.output_dir
-    return staging_root() / name if is_url(out) else Path(out).expanduser().resolve() / name
-
-
 def lr_at(step: int, cfg: RunConfig, progress: float | None = None) -> float:
     """Learning rate of step ``step`` (0-based): linear warm-up, then constant / cosine / step decay.
     ``progress`` in [0, 1] overrides step/max_steps for the cosine (a CPU-time budget's fraction)."""
@@ -159,7 +138,7 @@ def _cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def batches(ds: PatchStream, loader: Any, epoch: int, skip: int) -> Iterator[tuple[int, int, dict]]:
+def batches(ds: PatchStream, loader: Any, epoch: int, skip: int) -> Generator[tuple[int, int, dict], None, None]:
     """(epoch, index in epoch, batch) forever; resumes inside an epoch by skipping ``skip`` batches."""
     while True:
         ds.set_epoch(epoch)
@@ -304,7 +283,7 @@ def train_step(net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, bat
         opt.step()
     else:
         return StepResult(loss, False, grad_norm)
-    if hasattr(model, "project_"):
+    if isinstance(model, Projected):
         model.project_()
     return StepResult(loss, True, grad_norm)
 
@@ -382,30 +361,43 @@ class Run:
         self.bar.write(line, file=sys.stderr) if self.bar is not None else print(line, file=sys.stderr, flush=True)
 
 
+def resume_point(cfg: RunConfig, run: str | Path, *, announce: bool = True) -> Path | None:
+    """THE resume decision, of the plain loop and of the Ray driver: the checkpoint the run at ``run`` (its
+    directory, or its root URL in storage) resumes from, or None for a fresh start. That is the newest
+    valid checkpoint (storage.py:latest_checkpoint; a remote one is downloaded), refused with
+    ``FileExistsError`` when ``trainer.resume=false`` and with ``InputError`` when ``cfg`` changes a
+    trajectory setting of the stored run (:func:`check_resume_config`), then announced on stderr.
+
+    Here rather than in storage.py because of that trajectory check, which reads configs the way the
+    checkpoint loader does; storage.py stays free of torch."""
+    latest = latest_checkpoint(run)
+    if latest is None:
+        return None
+    if not cfg.trainer.resume:
+        raise FileExistsError(f"{run} already holds checkpoints; pick another trainer.run_name or "
+                              "set trainer.resume=true to continue it")
+    check_resume_config(latest, cfg.to_dict())  # one trajectory per run directory
+    if announce:
+        announce_resume(str(run).rstrip("/").rsplit("/", 1)[-1], latest)
+    return latest
+
+
 def start(cfg: RunConfig, dist: Dist) -> Run:
-    """Model and optimizer, resumed from the run's latest checkpoint (announced; refused with
-    ``trainer.resume=false``) or from ``dist.resume_from`` (Ray: ray_train.py decides), else fresh."""
+    """Model and optimizer, resumed from the run's latest checkpoint (:func:`resume_point`) or, under Ray,
+    from ``dist.resume_from``, else fresh."""
     t = cfg.trainer
-    rt = runtime_for(t, dist.local_rank)  # device, autocast dtype, compile, channels-last
+    rt = runtime_for(cfg.runtime, dist.local_rank)  # device, autocast dtype, compile, channels-last
     run_dir = run_dir_of(cfg)
+    # plain: decided here; Ray: the driver decided (resume_point) and rank 0 found the newest (ray_train.py)
+    resume = dist.resume_from if dist.report is not None else resume_point(cfg, run_dir, announce=dist.rank == 0)
     torch.manual_seed(t.seed)
-    model = rt.place(build_model(cfg.model))
+    model = rt.place(build_model(cfg.model, init=resume is None))  # resuming: the checkpoint fills every weight
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
     state = TrainState()
-    latest = latest_checkpoint(run_dir / "checkpoints") if dist.report is None else None
-    if not t.resume and latest is not None:
-        raise FileExistsError(f"{run_dir} already holds checkpoints; pick another trainer.run_name or "
-                              "set trainer.resume=true to continue it")
-    resume = dist.resume_from or (latest if t.resume else None)
     if resume is not None:
-        check_resume_config(resume, cfg.to_dict())  # one trajectory per run directory
         state = replace(TrainState.from_dict(load_training_state(resume, model, opt)), metrics={})  # validate anew
     run = Run(cfg, dist, rt, run_dir, model, opt, state, snapshot(model, opt, state), last_ckpt=resume,
               resumed_from=state.step if resume is not None else None)
-    if resume is not None:
-        run.say(f"resuming run {run_dir.name} from step {state.step} ({resume})"
-                + (f", lr scale {state.lr_scale:g}" if state.lr_scale != 1 else ""))
-    fault_hook("start", dist.rank, state.step)
     return run
 
 
@@ -436,8 +428,9 @@ def open_outputs(run: Run) -> None:
 
 def use_depth(run: Run, depth: int | None) -> None:
     """Switch the model to ``depth`` unfoldings (``trainer.depth_stages``) when it runs another depth."""
-    if depth is not None and depth != run.model.depth:
-        run.model.set_depth(depth)  # incremental depth: the deeper model warm-starts from the shorter one
+    model = run.model
+    if depth is not None and isinstance(model, Deepening) and depth != model.depth:
+        model.set_depth(depth)  # incremental depth: the deeper model warm-starts from the shorter one
         run.say(f"step {run.state.step}: unfolding depth {depth}")
 
 
@@ -475,7 +468,7 @@ def validate(run: Run) -> dict[str, float]:
     model, cfg, step = run.model, run.cfg, run.state.step
     res = evaluate_images(model, run.val, cfg.noise, cfg.data.gray, run.rt.device, with_ssim=True, keep_first=True)
     metrics = {"val/psnr": res["psnr"], "val/ssim": res["ssim"], "val/input_psnr": res["input_psnr"]}
-    if hasattr(model, "code_sparsity"):
+    if isinstance(model, CodeSparsity):
         sp = model.code_sparsity(res["first"][0].unsqueeze(0).to(run.rt.device))
         metrics.update({f"codes/nonzero_t{i}": v for i, v in enumerate(sp)})
     run.tracker.log({**metrics, **unfolding_metrics(model)}, step=step)
@@ -490,7 +483,7 @@ def checkpoint(run: Run, batch: tuple[torch.Tensor, ...], validate_first: bool =
     (:func:`unhealthy`, judged on this step's ``batch``) and make it the rollback target; otherwise say why
     not and keep the old target.
 
-    Plain path: rank 0 writes ``checkpoints/step_<n>`` and prunes old ones. Ray: every rank reports
+    Plain path: rank 0 writes ``<run>/step_<n>`` and prunes old ones. Ray: every rank reports
     (a barrier), rank 0 with the checkpoint attached; Ray Train copies it into its storage."""
     cfg, dist, state = run.cfg, run.dist, run.state
     state.seconds, state.cpu_seconds = run.clock.wall(), run.clock.cpu()
@@ -507,12 +500,11 @@ def checkpoint(run: Run, batch: tuple[torch.Tensor, ...], validate_first: bool =
             dist.report({"step": state.step, **state.metrics, "val_psnr": state.metrics.get("val/psnr", float("nan"))},
                         path)
     elif run.main and not why:
-        ckpt_dir = run.run_dir / "checkpoints"
-        run.last_ckpt = save_checkpoint(ckpt_dir / f"step_{state.step:07d}", run.model, cfg, state.to_dict(), run.opt)
-        prune_checkpoints(ckpt_dir, cfg.trainer.keep_checkpoints)
+        run.last_ckpt = save_checkpoint(run.run_dir / step_dir_name(state.step), run.model, cfg, state.to_dict(),
+                                        run.opt)
+        prune_checkpoints(run.run_dir, cfg.trainer.keep_checkpoints)
     if not why:
         run.good = snapshot(run.model, run.opt, state)  # every rank: the target is what was just checkpointed
-    fault_hook("checkpoint", dist.rank, state.step)
 
 
 def finish(run: Run, unreadable: int) -> dict[str, Any]:

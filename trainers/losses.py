@@ -12,13 +12,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparsefold.config import LossConfig, NoiseConfig
+from sparsefold.errors import ConfigError
+from sparsefold.models.contract import Likelihood, Multilayer
 
 
 def ssim_map_loss(x_hat: Tensor, x: Tensor) -> Tensor:
     """1 − SSIM (Gaussian window 11, σ 1.5, data range 1), differentiable, mean over the batch."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
-    return 1.0 - structural_similarity_index_measure(x_hat, x, data_range=1.0)
+    ssim = structural_similarity_index_measure(x_hat, x, data_range=1.0)
+    assert isinstance(ssim, Tensor)  # a tuple only with return_full_image / return_contrast_sensitivity
+    return 1.0 - ssim
 
 
 def multilayer_weights(n: int, decay: float) -> list[float]:
@@ -39,12 +43,16 @@ class Objective(nn.Module):
     def forward(self, noisy: Tensor, clean: Tensor, sigma: Tensor | None = None) -> Tensor:
         kind, m = self.loss.kind, self.model
         if kind == "multilayer":
+            if not isinstance(m, Multilayer):  # RunConfig's check refuses this first
+                raise ConfigError(f"loss.kind: multilayer needs {type(m).__name__}.reconstructions; it has none")
             outs = m.reconstructions(noisy, sigma)
             ws = multilayer_weights(len(outs), self.loss.layer_decay)
-            return sum(w * torch.mean((o.float() - clean) ** 2) for w, o in zip(ws, outs))
+            return sum((w * torch.mean((o.float() - clean) ** 2) for w, o in zip(ws, outs)), clean.new_zeros(()))
         if kind == "nll":
             from sparsefold.models.likelihoods import nll
 
+            if not isinstance(m, Likelihood):  # RunConfig's check refuses this first
+                raise ConfigError(f"loss.kind: nll needs a likelihood model ({type(m).__name__}.natural); it has none")
             n = self.noise
             return nll(n.kind, m.natural(noisy, sigma).float(), noisy, peak=n.peak, trials=n.trials)
         x_hat = m(noisy, sigma).float()

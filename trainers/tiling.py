@@ -50,7 +50,7 @@ import copy
 import inspect
 import math
 import weakref
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -59,6 +59,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from sparsefold.errors import InputError
+from sparsefold.models.contract import Tiled
 from sparsefold.models.noise_level import estimate_sigma
 from sparsefold.models.tiling import Tiling
 
@@ -187,7 +188,7 @@ def tile_pixels(model: nn.Module, noisy: Tensor, device: torch.device | str = "c
     """The most input pixels per tile within ``max_memory`` bytes (None: :func:`default_max_memory`), or
     None when the whole (C, H, W) image fits (or the model has no ``tiling``): run it whole."""
     h, w = noisy.shape[-2:]
-    if not hasattr(model, "tiling") or h * w <= WHOLE_PIXELS:
+    if not isinstance(model, Tiled) or h * w <= WHOLE_PIXELS:
         return None
     budget = default_max_memory(device) if max_memory is None else max_memory
     fp = footprint(model, noisy.shape[0])
@@ -211,7 +212,9 @@ def denoise_tiled(model: nn.Module, noisy: Tensor, device: torch.device | str, s
     s = (estimate_sigma(y) if sigma is None else torch.tensor([float(sigma)])).to(device)
     extra = {"mean": y.mean(dim=(-2, -1), keepdim=True).to(device)} if _takes_mean(model) else {}
     out = torch.empty(noisy.shape, dtype=torch.float32)
-    for t in tile_grid(*noisy.shape[-2:], model.tiling, max_pixels):
+    h, w = noisy.shape[-2:]
+    spec = cast(Tiled, model).tiling  # the caller tiles only a Tiled model
+    for t in tile_grid(h, w, spec, max_pixels):
         x = model(y[..., t.rows, t.cols].to(device).contiguous(), s, **extra)[0]
         r0, c0 = t.core_rows.start - t.rows.start, t.core_cols.start - t.cols.start
         rows, cols = t.core_rows.stop - t.core_rows.start, t.core_cols.stop - t.core_cols.start

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from sparsefold.config import RunConfig
+from sparsefold.errors import ConfigError
+from sparsefold.models.contract import HasDictionary
 
 
 class NullTracker:
@@ -34,14 +36,21 @@ class NullTracker:
         pass
 
 
-def wandb_mode(mode: str) -> str:
-    """``auto``: the WANDB_MODE environment variable if set, else online with an API key, else offline."""
+WandbMode = Literal["online", "offline", "disabled"]
+WANDB_MODES: tuple[WandbMode, ...] = ("online", "offline", "disabled")
+
+
+def wandb_mode(mode: str) -> WandbMode:
+    """The W&B mode to start a run in. ``auto``: the WANDB_MODE environment variable if set, else online with
+    an API key, else offline. Anything but ``auto`` and :data:`WANDB_MODES` is a ConfigError (the config
+    check refuses it earlier)."""
     if mode == "auto":
         env = os.environ.get("WANDB_MODE", "")
-        if env in ("online", "offline", "disabled"):
-            return env
-        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
-    return mode
+        mode = env if env in WANDB_MODES else "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    for known in WANDB_MODES:  # narrows the string to the Literal that wandb.init's signature asks for
+        if mode == known:
+            return known
+    raise ConfigError(f"wandb.mode: unknown mode {mode!r}; use auto, online, offline or disabled")
 
 
 class WandbTracker(NullTracker):
@@ -118,6 +127,6 @@ def model_panels(model: torch.nn.Module, first: tuple[Tensor, Tensor, Tensor] | 
     panels = {}
     if first is not None:
         panels["val/noisy|denoised|clean"] = side_by_side(*first)
-    if hasattr(model, "dictionary"):
+    if isinstance(model, HasDictionary):
         panels["model/atoms"] = atom_grid(model.dictionary())
     return panels
