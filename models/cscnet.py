@@ -49,7 +49,7 @@ codes in (θ, −θ) double, the others move away from zero by |θ|); imported r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -73,7 +73,7 @@ class CSCNetConfig:
     channels: int = 1
     threshold_init: float = 0.01
     noise_adaptive: bool = False
-    negative_threshold: str = "clamp"
+    negative_threshold: str = field(default="clamp", metadata={"run_name": "if_set"})  # added in 0.1: see storage
     init_seed: int = 0
 
     def __post_init__(self) -> None:

@@ -18,7 +18,7 @@ uses 1e-4, which ``sparsefold import dncnn`` sets). Parameters for C=1: 640 + 15
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +35,7 @@ class DnCNNConfig:
     depth: int = 17
     features: int = 64
     channels: int = 1
-    bn_eps: float = 1e-5
+    bn_eps: float = field(default=1e-5, metadata={"run_name": "if_set"})  # added in 0.1: see storage
     init_seed: int = 0
 
     def __post_init__(self) -> None:

@@ -197,7 +197,9 @@ LOSSES = ("mse", "l1", "ssim_mixed", "multilayer", "nll")
 @dataclass(frozen=True, kw_only=True)
 class TrainerConfig:
     """How long and how often: steps, validation, checkpoints, rollback after divergence, where the run's
-    files go and under which name, the seed, and an optional depth schedule / CPU-time budget."""
+    files go and under which name, the seed, an optional depth schedule / CPU-time budget, and the weights a
+    fine-tuning run starts from (``init_from``: a checkpoint directory, its model.safetensors, a run
+    directory (its newest checkpoint) or a bundled model's name; not a resume: new optimizer, step 0)."""
 
     max_steps: int = 1000
     val_every: int = 200
@@ -214,6 +216,7 @@ class TrainerConfig:
     progress: bool = True
     depth_stages: tuple[int, ...] = ()
     budget_cpu_seconds: float = 0.0
+    init_from: str = ""  # fine-tuning: a new run starts from this checkpoint's weights (new optimizer, step 0)
 
     def __post_init__(self) -> None:
         check(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")

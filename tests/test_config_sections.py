@@ -102,3 +102,6 @@ def test_the_run_name_is_the_one_the_unsplit_config_gave(monkeypatch, tmp_path):
     dncnn = load_config(None, ["model.name=dncnn", "noise.sigma=15", "ray.enabled=true", "ray.workers=2",
                                "runtime.precision=bf16"])
     assert default_run_name(dncnn) == "dncnn-ray-398828e3"
+    # an option added since (run_name: if_set) names another experiment only when set away from its default
+    assert default_run_name(load_config(None, ["model.negative_threshold=clamp"])) == "cscnet-61e36639"
+    assert default_run_name(load_config(None, ["model.negative_threshold=official"])) != "cscnet-61e36639"

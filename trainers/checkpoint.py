@@ -184,8 +184,10 @@ def _load_strict(model: nn.Module, weights: dict[str, torch.Tensor], directory: 
     missing, unexpected = set(own) - set(weights), set(weights) - set(own)
     shapes = sorted(k for k in set(own) & set(weights) if own[k].shape != weights[k].shape)
     if missing or unexpected or shapes:
+        first = (f"; {shapes[0]} is {tuple(weights[shapes[0]].shape)} there, {tuple(own[shapes[0]].shape)} here"
+                 if shapes else "")
         raise CheckpointError(f"{directory}: weights do not match {name} (missing {sorted(missing)[:3]}, "
-                              f"unexpected {sorted(unexpected)[:3]}, wrong shape {shapes[:3]})")
+                              f"unexpected {sorted(unexpected)[:3]}, wrong shape {shapes[:3]}{first})")
     bad = sorted(k for k, t in weights.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
     if bad:
         raise CheckpointError(f"{directory / WEIGHTS}: non-finite (NaN/inf) values in {len(bad)} tensor(s), e.g. "
@@ -210,6 +212,19 @@ def load_model(ref: str | Path, device: str | torch.device = "cpu") -> tuple[nn.
     meta["state"] = json.loads((directory / STATE).read_text())
     meta["path"] = str(directory)
     return model.to(device), meta
+
+
+def load_initial_weights(model: nn.Module, ref: str) -> Path:
+    """``trainer.init_from``: load the weights of the checkpoint ``ref`` into a fresh ``model`` (strict: every
+    tensor, same shapes, finite); returns the checkpoint's directory. Optimizer and state are not read."""
+    try:
+        directory = resolve_checkpoint(ref)
+        verify_checkpoint(directory, require_manifest=False)
+        _load_strict(model, _load_weights(directory), directory, type(model).__name__)
+    except CheckpointError as e:
+        raise InputError(f"trainer.init_from: {e}; model.* must describe the checkpoint's model (its "
+                         "config.json)") from None
+    return directory
 
 
 def load_training_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

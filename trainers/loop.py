@@ -51,6 +51,7 @@ from sparsefold.models.contract import CodeSparsity, Deepening, Projected
 from sparsefold.runtime import Runtime, runtime_for
 from sparsefold.trainers.checkpoint import (
     check_resume_config,
+    load_initial_weights,
     load_training_state,
     save_checkpoint,
 )
@@ -391,7 +392,13 @@ def start(cfg: RunConfig, dist: Dist) -> Run:
     # plain: decided here; Ray: the driver decided (resume_point) and rank 0 found the newest (ray_train.py)
     resume = dist.resume_from if dist.report is not None else resume_point(cfg, run_dir, announce=dist.rank == 0)
     torch.manual_seed(t.seed)
-    model = rt.place(build_model(cfg.model, init=resume is None))  # resuming: the checkpoint fills every weight
+    fine_tune = resume is None and bool(t.init_from)
+    model = build_model(cfg.model, init=resume is None and not fine_tune)  # else a checkpoint fills every weight
+    if fine_tune:
+        source = load_initial_weights(model, t.init_from)
+        if dist.rank == 0:
+            print(f"[sparsefold] new run {run_dir.name} starts from the weights of {source}", file=sys.stderr, flush=True)
+    model = rt.place(model)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
     state = TrainState()
     if resume is not None:

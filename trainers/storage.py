@@ -38,6 +38,7 @@ report or two behind what is on disk).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.resources
 import json
@@ -50,7 +51,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from sparsefold.config import RunConfig, is_url, spec_options, split_spec
+from sparsefold.config import RunConfig, is_url, spec_options, split_spec, to_dict
 
 FORMAT = 1
 WEIGHTS, CONFIG, STATE, OPTIM = "model.safetensors", "config.json", "state.json", "optimizer.pt"
@@ -105,15 +106,28 @@ def canonical_paths(cfg: RunConfig) -> RunConfig:
     """``cfg`` with its local paths absolute in this process (``data.train``/``val``/``cache_dir`` through
     :func:`absolute_paths`, ``trainer.output_dir`` resolved; URLs kept). The form a run's identity is
     computed from, and the one Ray workers receive: they run in other directories, and the same data
-    named relatively from one directory or absolutely from another must give the same run."""
-    d, out = cfg.data, cfg.trainer.output_dir
+    named relatively from one directory or absolutely from another must give the same run. A
+    ``trainer.init_from`` that names an existing path is made absolute too (a bundled name is kept)."""
+    d, out, init = cfg.data, cfg.trainer.output_dir, cfg.trainer.init_from
     data = replace(d, train=absolute_paths(d.train), val=absolute_paths(d.val), cache_dir=absolute_paths(d.cache_dir))
     out = out if is_url(out) else str(Path(out).expanduser().resolve())
-    return replace(cfg, data=data, trainer=replace(cfg.trainer, output_dir=out))
+    init = str(Path(init).expanduser().resolve()) if init and Path(init).expanduser().exists() else init
+    return replace(cfg, data=data, trainer=replace(cfg.trainer, output_dir=out, init_from=init))
 
 
 # sections that say how or where a run executes, not which experiment it is: not in the run's name
 NOT_IN_NAME = ("trainer", "runtime", "ray", "wandb")
+
+
+def named_fields(section: Any) -> dict[str, Any]:
+    """The fields of a config section that enter a run's name: all, except a field added after runs were
+    first named (``metadata={"run_name": "if_set"}``) while it holds its default: an existing experiment keeps
+    its name, hence is resumed by the same command, when a release adds an option."""
+    out = to_dict(section)
+    for f in dataclasses.fields(section):
+        if f.metadata.get("run_name") == "if_set" and getattr(section, f.name) == f.default:
+            del out[f.name]
+    return out
 
 
 def default_run_name(cfg: RunConfig) -> str:
@@ -127,9 +141,12 @@ def default_run_name(cfg: RunConfig) -> str:
     A Ray run (``ray.enabled``) is ``<model>-ray-<hash>``, never the plain run's directory: Ray Train keeps
     its own bookkeeping there (its checkpoint-manager snapshot, and it prunes what it registered), so a
     plain run's checkpoints in the same folder would be pruned or resumed behind its back. Other trainer,
-    runtime and Ray settings (workers, precision, ...) are not in the name."""
-    key = {k: v for k, v in canonical_paths(cfg).to_dict().items() if k not in NOT_IN_NAME}
+    runtime and Ray settings (workers, precision, ...) are not in the name; ``trainer.init_from`` is."""
+    canon = canonical_paths(cfg)
+    key = {name: named_fields(getattr(canon, name)) for name in canon.to_dict() if name not in NOT_IN_NAME}
     key["seed"] = cfg.trainer.seed
+    if cfg.trainer.init_from:  # a fine-tuning run is another experiment than the same config from scratch
+        key["init_from"] = canonical_paths(cfg).trainer.init_from
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     return f"{cfg.model.name}-{'ray-' if cfg.ray.enabled else ''}{digest}"
 
