@@ -1,6 +1,7 @@
 """Where a run's files live, in ONE place: the run's identity (its name), its directory, the on-disk layout
-of a checkpoint, the one scanner for "the newest valid checkpoint", and the storage Ray Train writes to. No torch here (``sparsefold models`` lists the bundled models through this
-module without it); pyarrow only inside the functions that reach a filesystem other than the local one.
+of a checkpoint, the one scanner for "the newest valid checkpoint", and the storage Ray Train writes to.
+No torch here (``sparsefold models`` lists the bundled models through this module without it); pyarrow
+only inside the functions that reach a filesystem other than the local one.
 
 Layout of a run (the plain loop and Ray Train alike)::
 
@@ -143,7 +144,8 @@ def default_run_name(cfg: RunConfig) -> str:
     plain run's checkpoints in the same folder would be pruned or resumed behind its back. Other trainer,
     runtime and Ray settings (workers, precision, ...) are not in the name; ``trainer.init_from`` is."""
     canon = canonical_paths(cfg)
-    key = {name: named_fields(getattr(canon, name)) for name in canon.to_dict() if name not in NOT_IN_NAME}
+    key: dict[str, Any] = {name: named_fields(getattr(canon, name)) for name in canon.to_dict()
+                           if name not in NOT_IN_NAME}
     key["seed"] = cfg.trainer.seed
     if cfg.trainer.init_from:  # a fine-tuning run is another experiment than the same config from scratch
         key["init_from"] = canonical_paths(cfg).trainer.init_from
