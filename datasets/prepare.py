@@ -110,7 +110,7 @@ def train_urls(data: DataConfig) -> list[str]:
 def val_files(data: DataConfig) -> list[Path]:
     """Sorted validation image files of ``data.val`` (for ``builtin:skimage``: the held-out photos
     of :func:`split_builtin`).  All of them; the caller applies ``data.val_images``.
-    ``A|B`` names fallbacks: the first folder that exists is used (``../shared/data/set12|builtin:skimage``)."""
+    ``A|B`` names fallbacks: the first folder that exists is used (``data/set12|builtin:skimage``)."""
     options = spec_options(data.val)
     if options and options != [data.val]:  # fallbacks (or stray separators)
         for o in options[:-1]:
