@@ -1,13 +1,16 @@
 """Imported releases vs the authors' own code, on the same noisy images (the shared evaluation convention).
 
-For each release in ../shared/official (CSCNet σ=15, σ=25; DnCNN-S σ=25): ``sparsefold import`` it into a
-temporary checkpoint, score it with sparsefold's ``evaluate`` path (``evaluate_images``: seeded noise,
+For each release in ../shared/official (CSCNet σ=15, σ=25; DnCNN-S σ=25; LIDIA σ=15, σ=25, LIDIA-S σ=25 on
+the gray sets, colour LIDIA σ=25 on cbsd68): ``sparsefold import`` it into a temporary checkpoint, score it with sparsefold's ``evaluate`` path (``evaluate_images``: seeded noise,
 output clipped to [0, 1], PSNR with peak 1), and run the official model class (imported by path from
 ../shared/official, as the tests do) on the same noisy images with the same clipping and PSNR. The official
 weights are read from ../shared/official only (never copied); the DnCNN pickle is read by sparsefold's
-restricted unpickler (``torch.load(weights_only=False)`` is not used anywhere).
+restricted unpickler (``torch.load(weights_only=False)`` is not used anywhere). LIDIA's official forward runs
+as its denoise_set_*.py scripts run it: ``NonLocalDenoiser(image, train=False, save_memory=True,
+max_chunk=40000)`` on the [−1, 1] scale, never put in eval mode, so its BatchNorm layers use each 40,000-patch
+chunk's statistics (``--official-bn running``: eval mode, the running statistics sparsefold uses).
 
-    python benchmarks/eval_official.py [--data set12|bsd68] [--images N] [--threads T]
+    python benchmarks/eval_official.py [--data set12|bsd68|cbsd68] [--images N] [--threads T] [--only NAMES]
 
 Writes benchmarks/results/official.json (merged per data set). Not part of the package.
 """
@@ -22,6 +25,7 @@ import sys
 import tempfile
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,10 +42,25 @@ OFFICIAL = ROOT.parent / "shared" / "official"
 DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results" / "official.json"
 DNCNN = OFFICIAL / "dncnn" / "TrainingCodes" / "dncnn_pytorch"
-PAPER = {  # ../shared/notes/unfolding-models-reference.md (BSD68: papers; Set12: DnCNN README mirrors)
+LIDIA = OFFICIAL / "lidia"
+PAPER = {  # ../shared/notes/unfolding-models-reference.md (BSD68: papers; Set12: DnCNN README mirrors;
+    # LIDIA: NL-Ridge README (gray), the LIDIA README (colour), LIDIA-S read off the authors' figure)
     ("cscnet_s15", "bsd68"): 31.57, ("cscnet_s25", "bsd68"): 29.11, ("dncnn_s25", "bsd68"): 29.23,
-    ("dncnn_s25", "set12"): 30.44,
+    ("dncnn_s25", "set12"): 30.44, ("lidia_s15", "bsd68"): 31.62, ("lidia_s25", "bsd68"): 29.11,
+    ("lidia_s15", "set12"): 32.85, ("lidia_s25", "set12"): 30.41, ("lidia_small_s25", "bsd68"): 29.08,
+    ("lidia_c25", "cbsd68"): 31.31,
 }
+MAX_MEMORY = 16 << 30  # whole images, no tiles: LIDIA at stride 1 peaks at ≈ 4.7 GB RSS on 481×321 (its tile
+# planner's estimate is ≈ 2× that)
+RELEASES = [  # name, family, file, colour
+    ("cscnet_s15", "cscnet", OFFICIAL / "cscnet" / "trained_models" / "sigma_15.model", False),
+    ("cscnet_s25", "cscnet", OFFICIAL / "cscnet" / "trained_models" / "sigma_25.model", False),
+    ("dncnn_s25", "dncnn", DNCNN / "models" / "DnCNN_sigma25" / "model.pth", False),
+    ("lidia_s15", "lidia", LIDIA / "models" / "model_state_sigma_15_bw.pt", False),
+    ("lidia_s25", "lidia", LIDIA / "models" / "model_state_sigma_25_bw.pt", False),
+    ("lidia_small_s25", "lidia", LIDIA / "models" / "model_state_small_sigma_25_bw.pt", False),
+    ("lidia_c25", "lidia", LIDIA / "models" / "model_state_sigma_25_c.pt", True),
+]
 
 
 def official_cscnet(src: Path, conf: dict) -> torch.nn.Module:
@@ -71,24 +90,41 @@ def official_dncnn(src: Path) -> torch.nn.Module:
     return model.eval()
 
 
+def official_lidia(src: Path, rgb: bool, bn: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """grishavak/LIDIA-denoiser NonLocalDenoiser (code/modules.py; torchvision, used only by its training
+    helpers, stubbed when absent) with the release loaded, called as denoise_set_*.py call it, on [0, 1]."""
+    if importlib.util.find_spec("torchvision") is None:
+        sys.modules["torchvision"] = tv = types.ModuleType("torchvision")
+        sys.modules["torchvision.transforms"] = tv.transforms = types.ModuleType("torchvision.transforms")  # type: ignore[attr-defined]
+    sys.path.insert(0, str(LIDIA / "code"))
+    modules = importlib.import_module("modules")
+    opt = modules.ArchitectureOptions(rgb=rgb, small_network="small" in src.name)
+    net = modules.NonLocalDenoiser(modules.calc_padding(opt)[0], opt)
+    net.patch_denoise_net.load_state_dict(torch.load(src, map_location="cpu", weights_only=True)["state_dict"])
+    net.train(bn == "batch")  # the scripts never call .eval(): BatchNorm on each chunk's statistics
+    return lambda y: (net(2 * y - 1, train=False, save_memory=True, max_chunk=40000).clamp(-1, 1) + 1) / 2
+
+
 @torch.inference_mode()
-def official_psnr(model: torch.nn.Module, files: list[Path], sigma: float) -> dict:
+def official_psnr(model: Callable[[torch.Tensor], torch.Tensor], files: list[Path], sigma: float,
+                  gray: bool = True) -> dict:
     """The official forward on the convention's noisy images (same generator draws), clipped, PSNR peak 1."""
-    clean = [load_image(f, gray=True) for f in files]
+    clean = [load_image(f, gray=gray) for f in files]
     noisy = gaussian_eval_noise(clean, sigma, seed=0)
     scores = [psnr(model(y[None])[0].clamp(0, 1), x) for x, y in zip(clean, noisy)]
     return {"psnr": sum(scores) / len(scores), "per_image": scores}
 
 
-def run(name: str, family: str, src: Path, files: list[Path], tmp: Path) -> dict:
+def run(name: str, family: str, src: Path, files: list[Path], tmp: Path, rgb: bool = False, bn: str = "batch") -> dict:
     t0 = time.perf_counter()
     summary = import_release(family, src, tmp / name)
     ours, meta = load_model(summary["checkpoint"])
     sigma = summary["sigma"]
-    res = evaluate_images(ours, files, NoiseConfig(sigma=sigma), with_ssim=False)
+    res = evaluate_images(ours, files, NoiseConfig(sigma=sigma), gray=not rgb, with_ssim=False, max_memory=MAX_MEMORY)
     t1 = time.perf_counter()
-    official = official_cscnet(src, meta["model"]) if family == "cscnet" else official_dncnn(src)
-    off = official_psnr(official, files, sigma)
+    official = {"cscnet": lambda: official_cscnet(src, meta["model"]), "dncnn": lambda: official_dncnn(src),
+                "lidia": lambda: official_lidia(src, rgb, bn)}[family]()
+    off = official_psnr(official, files, sigma, gray=not rgb)
     t2 = time.perf_counter()
     per = [abs(a["psnr"] - b) for a, b in zip(res["per_image"], off["per_image"])]
     return {"release": f"{family}/{src.name}", "sigma": sigma, "sparsefold_psnr": round(res["psnr"], 4),
@@ -99,24 +135,34 @@ def run(name: str, family: str, src: Path, files: list[Path], tmp: Path) -> dict
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default="set12", choices=("set12", "bsd68"))
+    p.add_argument("--data", default="set12", choices=("set12", "bsd68", "cbsd68"))
     p.add_argument("--images", type=int, default=0, help="first N sorted images (0: all)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--only", help="comma-separated release names (default: all for the data set), e.g. lidia_s25")
+    p.add_argument("--official-bn", default="batch", choices=("batch", "running"),
+                   help="LIDIA's official BatchNorm: per-chunk statistics as its scripts (batch) or eval mode")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     files = list_images(DATA / a.data)[: a.images or None]
-    releases = [("cscnet_s15", "cscnet", OFFICIAL / "cscnet" / "trained_models" / "sigma_15.model"),
-                ("cscnet_s25", "cscnet", OFFICIAL / "cscnet" / "trained_models" / "sigma_25.model"),
-                ("dncnn_s25", "dncnn", DNCNN / "models" / "DnCNN_sigma25" / "model.pth")]
-    rows = {}
+    only = set(a.only.split(",")) if a.only else None
+    releases = [r for r in RELEASES if r[3] == (a.data == "cbsd68") and (only is None or r[0] in only)]
+    key = a.data + ("" if not a.images else f"_first{a.images}")
+    command = " ".join(["python", "benchmarks/eval_official.py", *sys.argv[1:]])
     with tempfile.TemporaryDirectory() as tmp:  # the imported checkpoints hold the authors' weights: not kept
-        for name, family, src in releases:
-            rows[name] = run(name, family, src, files, Path(tmp)) | {"paper_psnr": PAPER.get((name, a.data))}
-            print(json.dumps({name: rows[name]}), flush=True)
+        for name, family, src, rgb in releases:
+            row = run(name, family, src, files, Path(tmp), rgb, a.official_bn) | {
+                "paper_psnr": PAPER.get((name, a.data)), "command": command}
+            if family == "lidia":
+                row["official_bn"] = a.official_bn
+            print(json.dumps({name: row}), flush=True)
+            save(key, name, row)  # after each release: a long run stopped half-way keeps what it measured
+
+
+def save(key: str, name: str, row: dict) -> None:
+    """Merge one row into benchmarks/results/official.json (rows of other commands are kept)."""
     out = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    out[a.data + ("" if not a.images else f"_first{a.images}")] = {
-        "convention": "../shared/data/README.md (seed 0, sorted names, unclipped noisy input, output clipped)",
-        "command": " ".join(["python", "benchmarks/eval_official.py", *sys.argv[1:]]), "rows": rows}
+    out[key] = {"convention": "../shared/data/README.md (seed 0, sorted names, unclipped noisy input, output "
+                "clipped)", "rows": out.get(key, {}).get("rows", {}) | {name: row}}
     RESULTS.write_text(json.dumps(out, indent=1) + "\n")
 
 

@@ -63,7 +63,7 @@ MODELS: dict[str, ModelEntry] = {
     "deep_ksvd": ModelEntry("deep_ksvd", "DeepKSVD", "DeepKSVDConfig",
                             "patch ISTA with MLP-predicted λ, learned averaging (Scetbon et al. 2021)", 35_138),
     "lidia": ModelEntry("lidia", "LIDIA", "LIDIAConfig",
-                        "non-local 2-scale separable patch denoiser, LIDIA-lite (Vaksman et al. 2020)", 61_589),
+                        "non-local 2-scale separable patch denoiser, LIDIA (Vaksman et al. 2020)", 61_589),
 }
 
 # ``from sparsefold.models import CSCNet``: every registered class name -> the file that defines it.

@@ -36,6 +36,12 @@ ELU. The official 2-D code applies ELU(α=peak) to the Poisson residual (``"nonl
 it bounds r ≥ −peak when exp(Hx + μ) overshoots early in training and keeps r = 0 the fixed point, but is no
 longer exact proximal gradient on the NLL. Default ``residual_elu=True``; ``False`` is the exact iteration.
 
+Official code (src/model.py DEA2Dtied / DEA2Dfree; ``sparsefold import dcea`` sets what differs): μ = 0
+(``mu=0``); the ELU only when the release has ``nonlin`` ELU; its two-sided shrink sign(v)·ReLU(|v| − b) lets a
+negative b push codes away from 0 (``negative_threshold="official"``; default "clamp": b < 0 = no shrinkage).
+It takes raw counts c and returns η̂; here y = c/peak goes in and exp(η̂)/peak comes out (its predict.py
+shows Q·exp(η̂), Q = max(clean)/peak). Not reproduced: per-unfolding biases, stride 1 (no padding there).
+
 Unsupervised (dictionary-learning) mode, loss nll(η̂, y) without a clean target: the NLL rewards fitting
 the noise, so a learned b drifts to 0, and the atoms' scale is free. Set ``learn_threshold=False,
 normalize_atoms=True`` (the official simulated runs fix λ and renormalize H after every step; here the atoms
@@ -62,7 +68,7 @@ normal atoms / √L, L = κ·(power-method ‖H‖²₂) (official: 5× a power-
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -97,6 +103,7 @@ class DCEAConfig:
     learn_threshold: bool = True  # False: b is a fixed buffer (dictionary-learning mode, loss.kind=nll)
     normalize_atoms: bool = False  # True: every atom is kept at its initial norm 1/√L (ditto)
     twosided: bool = False  # True: signed codes, x = S_b(v) (Gaussian data: ±atoms at no extra parameters)
+    negative_threshold: str = field(default="clamp", metadata={"run_name": "if_set"})  # "official": see above
     init_seed: int = 0
 
     def __post_init__(self) -> None:
@@ -110,6 +117,8 @@ class DCEAConfig:
         check(1 <= self.stride <= self.kernel_size, "stride",
               f"must be in [1, kernel_size={self.kernel_size}], got {self.stride}")
         check(self.channels in (1, 3), "channels", f"must be 1 or 3, got {self.channels}")
+        check(self.negative_threshold in ("clamp", "official"), "negative_threshold",
+              f"must be 'clamp' or 'official', got {self.negative_threshold!r}")
 
     def check_noise(self, noise: Any) -> None:
         """The likelihood must be the data's noise model, with the same peak / number of trials."""
@@ -223,7 +232,8 @@ class DCEA(nn.Module):
             if elu:
                 r = F.elu(r, alpha=cfg.peak)  # Eq. (1')
             v = conv_analysis(r, W_e, s, add=x)  # x_t + W_e r_t: (N, K, h, w)
-            x = soft_threshold(v, b) if cfg.twosided else F.relu(v - b)  # Eq. (2)
+            x = F.relu(v - b) if not cfg.twosided else (  # Eq. (2)
+                soft_threshold(v, b) if cfg.negative_threshold == "clamp" else torch.sign(v) * F.relu(v.abs() - b))
             codes = [*codes, x] if keep_all else [x]
         return codes
 

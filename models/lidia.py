@@ -1,4 +1,4 @@
-r"""LIDIA-lite: non-local, two-scale learned patch denoiser (Vaksman, Elad & Milanfar, CVPR-W 2020).
+r"""LIDIA: non-local, two-scale learned patch denoiser (Vaksman, Elad & Milanfar, CVPR-W 2020).
 
 Problem: denoise y = x + v by collaborative filtering, the classical non-local pipeline (NLM, BM3D): for each
 p×p reference patch, (a) group its K nearest patches in a search window, (b) transform the group jointly over
@@ -37,25 +37,30 @@ Symbol → attribute (K = ``neighbours``, F = ``width``, p = ``patch_size``, C =
 
 Paper configuration (gray, σ=25): p=7, K=14, window 29, F=64, 2 blocks per stage, 6-layer FcNet, every patch a
 reference: 61,589 trainable parameters, the official checkpoint's count (``blocks=1``, LIDIA-S: 40,226; colour,
-p=5, F=80, C=3: 94,067). The defaults are that, except ``stride=2``.
+p=5, F=80, C=3: 94,067). The defaults are that, except ``stride=2``. ``sparsefold import lidia`` loads the
+authors' releases with ``stride=1, search="official", aggregation="official", w11_min=0``: the forward is then
+the official inference forward (code/modules.py NonLocalDenoiser in eval mode) to float rounding (≤ 3e-7).
 
-What differs from the paper and the official code (grishavak/LIDIA-denoiser, which has no training script):
+Defaults that differ from the official code (grishavak/LIDIA-denoiser, no training script); the option:
 
 * ``stride=2``: references on every 2nd grid row/column (paper: all, ``stride=1``), as BM3D's step; each pixel
   keeps ⌈p/2⌉² = 16 estimates (49); forward+backward of a 4×64² batch: 2.4 vs 9.6 CPU-s, 0.93 vs 3.5 GB of
   saved activations. Scale-1 references then lie on the even polyphase component, and an untrained
   model's position-dependent patch biases show as a 2-periodic pattern (they average out at stride 1).
-* 𝒜_1 divides blur(fold) by blur(count) (official: blur(fold/count)); equal where the count is constant over
-  3×3, i.e. away from the padded border at stride 1, and defined at stride 2 where odd pixels have count 0.
-  The division by w_{1,1} is guarded, |w_{1,1}| ≥ 1e-2 (unguarded in the official code).
-* neighbour candidates lie inside the padded image (the official pads the search image with −1 and may pick
-  such patches); j_1 is the patch itself also under ties. The search is exact and vectorized (offsets as
-  channels, box sums, running top-k): ≈15 % of a training step, ≈30 % of inference at window 29.
+* ``aggregation="normalized"``: 𝒜_1 divides blur(fold) by blur(count) (``"official"``: blur(fold/count));
+  equal where the count is constant over 3×3, i.e. away from the padded border at stride 1, and defined at
+  stride 2 where odd pixels have count 0. ``w11_min=1e-2``: |w_{1,1}| ≥ 1e-2 in Eq. 6 (``0``: unguarded).
+* ``search="inside"``: candidates lie inside the padded image; j_1 is the patch itself also under ties; exact
+  and vectorized (offsets as channels, box sums, running top-k): ≈15 % of a training step, ≈30 % of
+  inference. ``"official"`` (stride 1, ≈ the official speed): ũ_s also padded with −1 by δ_s·⌊window/2⌋
+  (candidates there too), distances by per-offset p×p convolutions, one top-k over the window, u computed as
+  (2y − 1) − mean(2y − 1): distances tie exactly in the reflect-padded border and break as there.
 * same-size output in training too (reflect padding as at inference; the official training crops a margin).
 * ``sigma`` is ignored (a model per σ, or a blind one trained on a σ range, as in the paper); the gradient
   w.r.t. y flows through patch values, not through the discrete choice of neighbours.
 * BatchNorm as in the paper (over the K rows in L_{s,1}, L_2, L_3 and in FcNet; none in L_{s,0}, Pre, Post):
-  training couples a batch's patches; eval uses running statistics and runs in patch chunks.
+  training couples a batch's patches; eval uses running statistics, in patch chunks (the official scripts
+  never call ``.eval()``: each 40,000-patch chunk's own statistics, ≈ 0.01 dB apart on BSD68 test001).
 * training setup is the trainer's (Adam, MSE, our crops); the checkpoints record SGD with momentum 0.9,
   200k iterations and a log10(MSE) loss; the training data are unknown.
 """
@@ -63,7 +68,7 @@ What differs from the paper and the official code (grishavak/LIDIA-denoiser, whi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -71,13 +76,11 @@ from torch import Tensor, nn
 
 from sparsefold.errors import check
 from sparsefold.models.convops import reflect_pad
-from sparsefold.models.neighbours import fold_average, patch_knn
+from sparsefold.models.neighbours import fold_average, search_neighbours
 from sparsefold.models.tiling import Tiling
 
 _EVAL_CHUNK = 2048  # patches per chunk at eval (BN uses running statistics, so stages are patch-wise);
 # 8192 held ≈ 0.5 GB of stage buffers whatever the image size, as fast (trainers/tiling.py sizes tiles by it)
-_W_MIN = 1e-2  # guard of the division by w_{1,1} in Eq. 6
-_LUMA = (0.2989, 0.5870, 0.1140)  # the official rgb2gray of the colour model's search image
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,6 +97,10 @@ class LIDIAConfig:
     blocks: int = 2
     weight_layers: int = 6
     init_seed: int = 0
+    # added in 0.1 (trainers/storage.py named_fields); "official": the authors' forward (module docstring)
+    search: str = field(default="inside", metadata={"run_name": "if_set"})
+    aggregation: str = field(default="normalized", metadata={"run_name": "if_set"})
+    w11_min: float = field(default=1e-2, metadata={"run_name": "if_set"})
 
     def __post_init__(self) -> None:
         check(self.channels in (1, 3), "channels", f"must be 1 or 3, got {self.channels}")
@@ -106,6 +113,10 @@ class LIDIAConfig:
         check(self.width >= 1, "width", f"must be >= 1, got {self.width}")
         check(self.blocks in (1, 2), "blocks", f"must be 1 (LIDIA-S) or 2 (LIDIA), got {self.blocks}")
         check(self.weight_layers >= 0, "weight_layers", f"must be >= 0, got {self.weight_layers}")
+        for opt, val, ours in (("search", self.search, "inside"), ("aggregation", self.aggregation, "normalized")):
+            check(val in (ours, "official"), opt, f"must be {ours!r} or 'official', got {val!r}")
+            check(val == ours or self.stride == 1, opt, "'official' needs stride 1 (every patch a reference)")
+        check(self.w11_min >= 0, "w11_min", f"must be >= 0, got {self.w11_min}")
 
 
 def _uniform(shape: tuple[int, ...], fan_in: int, g: torch.Generator | None) -> nn.Parameter:
@@ -193,14 +204,14 @@ class LIDIA(nn.Module):
 
     # ------------------------------------------------------------------ grouping (Eqs. 1–3)
     def _blur(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.blur.expand(x.shape[1], 1, 3, 3), groups=x.shape[1])  # h ⊛ x, valid, per channel
+        b, c, h, w = x.shape  # h ⊛ x, valid, per channel (channels as batch: the official code's arithmetic)
+        return F.conv2d(x.reshape(b * c, 1, h, w), self.blur[None, None]).view(b, c, h - 2, w - 2)
 
     def _group(self, img: Tensor, s: int) -> tuple[Tensor, Tensor]:
         """img = ũ_s (B, C, Hs, Ws) -> neighbour stack (K, M, Cp²) (row 0: the patch itself), features (M, K)."""
         cfg = self.config
         p, K, d = cfg.patch_size, cfg.neighbours, 2 ** s
-        search = img if img.shape[1] == 1 else (img * img.new_tensor(_LUMA).view(1, 3, 1, 1)).sum(1, True)
-        dist, idx = patch_knn(search, p, K, cfg.window, d, cfg.stride)  # Eq. 1: (B, Q, K) each
+        dist, idx, img = search_neighbours(img, p, K, cfg.window, d, cfg.stride, cfg.search == "official")  # Eq. 1
         rows = F.unfold(img, p, dilation=d).transpose(1, 2)  # every grid patch: (B, G, Cp²)
         flat = idx + torch.arange(len(idx), device=img.device).view(-1, 1, 1) * rows.shape[1]
         stack = rows.reshape(-1, rows.shape[-1])[flat.reshape(-1, K).T]  # gather: (K, M, Cp²), M = B·Q
@@ -211,7 +222,8 @@ class LIDIA(nn.Module):
         """𝒜_s of Eq. 6: patch estimates (M, Cp²) -> their fold-average, unfolded again (1, M, Cp²)."""
         p, st, d = self.config.patch_size, self.config.stride, 2 ** s
         smooth = (lambda t: self._blur(F.pad(t, (1,) * 4, mode="reflect"))) if s == 1 else None
-        est = fold_average(pre.view(b, -1, pre.shape[-1]).transpose(1, 2), hw, p, d, st, smooth)  # (B, C, Hs, Ws)
+        est = fold_average(pre.view(b, -1, pre.shape[-1]).transpose(1, 2), hw, p, d, st, smooth,
+                           self.config.aggregation == "official")  # (B, C, Hs, Ws)
         return F.unfold(est, p, dilation=d, stride=st).transpose(1, 2).reshape(1, -1, pre.shape[-1])
 
     def _stage(self, layers: nn.ModuleList, a: Tensor | None, z: Tensor) -> Tensor:
@@ -236,6 +248,8 @@ class LIDIA(nn.Module):
         eh, ew = -(h + q - 1) % st, -(w + q - 1) % st  # extra bottom/right pad: last reference = last patch
         m = y.mean(dim=(-2, -1), keepdim=True) if mean is None else mean
         u = 2 * (y - m)  # the paper's [−1, 1] scale, mean removed
+        if self.config.search == "official":  # in the official order: Eq. 1's ties break bit for bit as there
+            u = (v := 2 * y - 1) - (v.mean((-2, -1), True) if mean is None else 2 * mean - 1)
         u0 = reflect_pad(u, (q, q + ew, q, q + eh))  # ũ₀: (B, C, H+2q+eh, W+2q+ew)
         u1 = self._blur(reflect_pad(u, (q + r + 1, q + r + 1 + ew, q + r + 1, q + r + 1 + eh)))  # ũ₁, 2r more
         xs, ys = [], []
@@ -248,8 +262,9 @@ class LIDIA(nn.Module):
             pre = self._chunked(self.agg_pre[s], xs[-1])[0]  # Pre_s: (M, Cp²)
             if s == 0:
                 centre, e = stack[0], self._aggregate(0, pre, u0.shape[-2:], b)  # P_0(i); Eq. 6
-            else:  # Eq. 6: undo the centre weight w_{1,1} before averaging, redo it after (guarded)
-                w11 = torch.where(wts[:, :1] < 0, -1.0, 1.0) * wts[:, :1].abs().clamp_min(_W_MIN)  # (M, 1)
+            else:  # Eq. 6: undo the centre weight w_{1,1} before averaging, redo it after (|w_{1,1}| ≥ w11_min)
+                w11, w_min = wts[:, :1], self.config.w11_min  # (M, 1)
+                w11 = torch.where(w11 < 0, -1.0, 1.0) * w11.abs().clamp_min(w_min) if w_min > 0 else w11
                 e = self._aggregate(1, pre / w11, u1.shape[-2:], b) * w11
             ys.append(self._chunked(self.agg_post[s], e))  # Post_s: (K, M, F)
         a2 = self.a2 if self.config.blocks == 2 else None

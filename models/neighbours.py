@@ -19,6 +19,8 @@ from torch import Tensor
 
 _PAD = 1e4  # pad value of the searched image: a candidate patch leaving the grid is ≳ 1e8 away
 _FAR = 1e6  # distances above this mark "no candidate" (valid ones are ≤ p²·(2·max|img|)²)
+_TABLE = 1 << 22  # distances per table of the official search (16 MB; official: all, ≈ 3.4 kB per pixel)
+_LUMA = (0.2989, 0.5870, 0.1140)  # the official rgb2gray: colour LIDIA searches on the luma
 
 
 def box_sum(x: Tensor, p: int, dilation: int = 1, stride: int = 1) -> Tensor:
@@ -98,14 +100,68 @@ def patch_knn(img: Tensor, p: int, k: int, window: int, dilation: int = 1, strid
     return dist.transpose(1, 2), idx.transpose(1, 2)
 
 
+@torch.no_grad()
+def patch_knn_official(padded: Tensor, p: int, k: int, window: int, dilation: int,
+                       rows_per_chunk: int = 8) -> tuple[Tensor, Tensor]:
+    """:func:`patch_knn` (stride 1) as the official LIDIA computes it (find_nn), bit for bit on CPU, ties
+    included. ``padded`` (N, 1, H+2rδ, W+2rδ), r = ⌊window/2⌋: the image with its margin (official: −1),
+    where candidates may lie; each of the δ² polyphase components searched at dilation 1; per window
+    offset a distance map, the p×p ones-convolution of the squared difference; one k-smallest over the
+    offsets in row-major order, the patch itself among them (entry 0: the nearest, i.e. the patch itself
+    unless another ties with it). Returns (dist, idx), both (N, Q, k), Q = every grid patch of the image
+    inside the margin; idx indexes the grid of ``padded``."""
+    n, d, r, side = padded.shape[0], dilation, window // 2, 2 * (window // 2) + 1
+    h, w = padded.shape[-2] - 2 * r * d, padded.shape[-1] - 2 * r * d
+    gw_pad, ones = padded.shape[-1] - d * (p - 1), padded.new_ones(1, 1, p, p)
+    dist = padded.new_empty(n, h - d * (p - 1), w - d * (p - 1), k)
+    idx = torch.empty(dist.shape, dtype=torch.long, device=padded.device)
+    for a in range(d):
+        for b in range(d):
+            comp = padded[..., a::d, b::d]  # the component, with its margin r
+            ch, cw = comp.shape[-2] - 2 * r, comp.shape[-1] - 2 * r
+            y = comp[:, :, None, r:r + ch, r:r + cw]  # (N, 1, 1, ch, cw)
+            shifts = comp[:, 0].unfold(1, ch, 1).unfold(2, cw, 1)  # (N, side, side, ch, cw) view
+            gw, dc, ic = cw - p + 1, dist[:, a::d, b::d], idx[:, a::d, b::d]  # the component's share (views)
+            band = max(1, _TABLE // (gw * side * side))  # reference rows per distance table (convolution
+            for t0 in range(0, ch - p + 1, band):  # of row bands: bit-identical to the whole's)
+                t1 = min(ch - p + 1, t0 + band)
+                top = padded.new_empty(n, t1 - t0, gw, side * side)  # (N, band, Gw_c, offsets)
+                for r0 in range(0, side, rows_per_chunk):
+                    r1 = min(side, r0 + rows_per_chunk)
+                    sq = (shifts[:, r0:r1, :, t0:t1 + p - 1] - y[..., t0:t1 + p - 1, :]).square()
+                    sq = F.conv2d(sq.reshape(-1, 1, t1 - t0 + p - 1, cw), ones)  # (N·c·side, 1, band, Gw_c)
+                    top[..., r0 * side:r1 * side] = sq.view(n, -1, t1 - t0, gw).permute(0, 2, 3, 1)
+                best, o = top.topk(k, dim=3, largest=False, sorted=True)  # (N, band, Gw_c, k)
+                t = torch.arange(t0, t1, device=padded.device).view(1, -1, 1, 1)
+                u = torch.arange(gw, device=padded.device).view(1, 1, -1, 1)
+                dc[:, t0:t1] = best
+                ic[:, t0:t1] = (a + d * (t + o // side)) * gw_pad + b + d * (u + o % side)
+    return dist.view(n, -1, k), idx.view(n, -1, k)
+
+
+def search_neighbours(img: Tensor, p: int, k: int, window: int, dilation: int, stride: int,
+                      official: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """LIDIA's Eq. 1 on ũ_s (N, C, H, W): :func:`patch_knn` on it (colour: on its luma), or with ``official``
+    :func:`patch_knn_official` on it with a −1 margin. Returns (dist, idx, the image whose grid idx indexes)."""
+    if official:
+        img = F.pad(img, (dilation * (window // 2),) * 4, value=-1.0)
+    search = img if img.shape[1] == 1 else F.conv2d(img, img.new_tensor(_LUMA).view(1, 3, 1, 1))
+    if official:
+        return (*patch_knn_official(search, p, k, window, dilation), img)
+    return (*patch_knn(search, p, k, window, dilation, stride), img)
+
+
 def fold_average(cols: Tensor, out_hw: tuple[int, ...], p: int, dilation: int = 1, stride: int = 1,
-                 smooth: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+                 smooth: Callable[[Tensor], Tensor] | None = None, smooth_after: bool = False) -> Tensor:
     """col2im divided by the coverage count, (N, C·p², L) -> (N, C, H, W): each pixel's average of the
     patch estimates that cover it, exact on constant patches (L: the step-s grid ending on the border).
     ``smooth`` (a linear filter, e.g. a blur) is applied to both sums before the division (a normalized
-    convolution; it also fills pixels no patch covers, e.g. odd ones at dilation 2, stride 2)."""
+    convolution; it also fills pixels no patch covers, e.g. odd ones at dilation 2, stride 2), or with
+    ``smooth_after`` to the average (the official LIDIA's order; needs every pixel covered)."""
     num = F.fold(cols, out_hw, p, dilation=dilation, stride=stride)
     den = F.fold(cols.new_ones(1, p * p, cols.shape[-1]), out_hw, p, dilation=dilation, stride=stride)
+    if smooth is not None and smooth_after:
+        return smooth(num / den)
     if smooth is not None:
         num, den = smooth(num), smooth(den)
     return num / den

@@ -70,8 +70,8 @@ def memory_size(text: str) -> int:
     return int(value)
 
 
-MAX_MEMORY_HELP = ("memory for one forward pass, e.g. 512M or 2G (default: 1G, or half the available RAM if "
-                   "less); larger images are denoised in overlapping tiles, with the same result")
+MAX_MEMORY_HELP = ("memory for one forward pass, e.g. 512M or 2G (default: half the available RAM; on GPU half "
+                   "the free GPU memory); larger images are denoised in overlapping tiles, with the same result")
 
 
 def _print_json(obj: dict) -> None:
@@ -193,7 +193,7 @@ def cmd_import(a: argparse.Namespace) -> int:
     check_sigma(a.sigma)
     out = import_release(a.family, a.src, a.out, sigma=a.sigma, overwrite=a.overwrite)
     print(f"[sparsefold] imported {a.src} -> {out['checkpoint']} ({out['model']}, {out['params']:,} params, "
-          f"sigma={out['sigma']:g})", file=sys.stderr)
+          f"{out['noise']})", file=sys.stderr)
     _print_json(out)
     return 0
 
@@ -307,9 +307,11 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("import", help="turn the authors' released weights into a sparsefold checkpoint",
                        description="FAMILY cscnet: a drorsimon/CSCNet sigma_*.model with its .config beside it; "
                        "dncnn: a cszn/DnCNN model.pth (a whole pickled module, read by a restricted unpickler: "
-                       "nothing in the file runs). Writes OUT (model.safetensors, config.json with the source "
-                       "file's SHA-256, manifest) for evaluate, denoise and the Python API; SRC is never modified.")
-    s.add_argument("family", help="cscnet or dncnn")
+                       "nothing in the file runs); dcea: a btolooshams/dea model_*.pt (likewise); lidia: a "
+                       "grishavak/LIDIA-denoiser model_state_*.pt (gray, small, colour, blind). Writes OUT "
+                       "(model.safetensors, config.json with the source file's SHA-256, manifest) for evaluate, "
+                       "denoise and the Python API; SRC is never modified.")
+    s.add_argument("family", help="cscnet, dncnn, dcea or lidia")
     s.add_argument("src", type=Path, help="the released weight file")
     s.add_argument("out", type=Path, help="checkpoint directory to write")
     s.add_argument("--sigma", type=float, help="noise σ (0..255) it was trained for (default: what the release says)")

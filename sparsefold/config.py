@@ -146,8 +146,11 @@ class DataConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
-    """Adam with a warm-up and a cosine / step / constant schedule."""
+    """Adam (``kind=adam``) or SGD with momentum (``kind=sgd``), with a warm-up and a cosine / step / constant
+    schedule. ``eps`` is Adam's; ``momentum`` SGD's; ``weight_decay`` is an L2 term in both."""
 
+    kind: str = field(default="adam", metadata={"run_name": "if_set"})  # added in 0.1: see storage
+    momentum: float = field(default=0.9, metadata={"run_name": "if_set"})  # ditto
     lr: float = 1e-3
     eps: float = 1e-8
     weight_decay: float = 0.0
@@ -159,6 +162,8 @@ class OptimConfig:
     grad_clip: float = 0.0
 
     def __post_init__(self) -> None:
+        check(self.kind in ("adam", "sgd"), "kind", f"unknown optimizer {self.kind!r} (valid: adam, sgd)")
+        check(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         check(self.eps > 0, "eps", f"must be > 0, got {self.eps}")
         check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
@@ -179,6 +184,7 @@ class LossConfig:
     unfoldings, w_t = ``layer_decay``^(T−1−t) (the last layer weighs 1).  ``nll``: unsupervised, no clean
     target: the noise model's negative log-likelihood of the noisy input under the model's natural
     parameter η (needs a model with ``natural``; Gaussian / Poisson / Binomial from ``noise.kind``).
+    ``log_mse``: log10 of the batch's MSE (LIDIA's objective; its gradient is the MSE's over MSE·ln 10).
     """
 
     kind: str = "mse"
@@ -191,7 +197,7 @@ class LossConfig:
         check(0 < self.layer_decay <= 1, "layer_decay", f"must be in (0, 1], got {self.layer_decay}")
 
 
-LOSSES = ("mse", "l1", "ssim_mixed", "multilayer", "nll")
+LOSSES = ("mse", "l1", "ssim_mixed", "multilayer", "nll", "log_mse")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -365,6 +371,10 @@ class RunConfig:
     def __post_init__(self) -> None:
         """Checks across sections: what the model can do vs the loss, the noise and the trainer."""
         check_sections(self.trainer, self.ray)
+        channels = getattr(self.model, "channels", 1)  # every zoo model has it; 1 = gray, 3 = colour
+        check(channels == (1 if self.data.gray else 3), "data.gray",
+              f"model.channels={channels} needs {'gray' if channels == 1 else 'colour'} images: set "
+              f"data.gray={'true' if channels == 1 else 'false'} (or model.channels={1 if self.data.gray else 3})")
         module = MODELS[self.model.name].module if self.model.name in MODELS else None
         if isinstance(self.model, NoiseChecked):
             self.model.check_noise(self.noise)  # e.g. a Poisson DCEA on Gaussian data

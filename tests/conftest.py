@@ -13,6 +13,7 @@ import pytest
 
 from sparsefold.launch import SUBPACKAGES
 from sparsefold.trainers.ray_env import use_ray_train_env
+from sparsefold.trainers.storage import bundled_models, read_config
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -100,13 +101,46 @@ def ddp_run(ray_cluster, tmp_path_factory, cache_dir) -> SimpleNamespace:
     return SimpleNamespace(overrides=overrides, out=fit(load_config(None, overrides + ["trainer.run_name=ddp"])))
 
 
+def bundled_once() -> list[str]:
+    """Bundled model names for the per-bundle CLI and tiling tests: each of our bundles, and of the authors'
+    releases bundled by import (config.json ``source``) one per (family, model): the others of a family
+    differ only in trained values and peak, which tests/test_import_dcea.py checks file by file."""
+    seen, names = set(), []
+    for d in bundled_models():
+        meta = read_config(d)
+        key = (meta.get("source", {}).get("family"), meta["model"]["name"]) if "source" in meta else d.name
+        if key not in seen:
+            seen.add(key)
+            names.append(d.name)
+    return names
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``bundled_name``: parametrized over :func:`bundled_once`."""
+    if "bundled_name" in metafunc.fixturenames:
+        metafunc.parametrize("bundled_name", bundled_once())
+
+
 RAY_FIXTURES = {"ray_cluster", "ddp_run"}  # the session's Ray cluster, and the DDP run made on it
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests on the shared Ray cluster run last (stable order otherwise): the cluster starts once, and no
-    other test shares the 2 cores with its idle processes or sees Ray already initialized."""
-    items.sort(key=lambda item: bool(RAY_FIXTURES & set(getattr(item, "fixturenames", ()))))
+def uses_ray(item: pytest.Item) -> bool:
+    return bool(RAY_FIXTURES & set(getattr(item, "fixturenames", ())))
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Tests on the shared Ray cluster form one pytest-xdist group: with the README's ``pytest -n 2
+    --dist loadgroup`` they all run on one worker (one cluster), beside the rest on the other."""
+    if uses_ray(item):
+        item.add_marker(pytest.mark.xdist_group("ray"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Order: under xdist the Ray group first (it is the longest unit of work: started first, it ends with
+    the rest); in one process Ray tests last (stable order otherwise): the cluster starts once, and no
+    other test shares the cores with its idle processes or sees Ray already initialized."""
+    grouped = bool(config.getvalue("loadgroup")) if hasattr(config.option, "loadgroup") else False
+    items.sort(key=lambda item: uses_ray(item) != grouped)
 
 
 @pytest.fixture(scope="module")

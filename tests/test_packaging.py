@@ -20,6 +20,7 @@ def test_wheel_contains_only_sparsefold(tmp_path):
     for sub in ("models", "datasets", "trainers", "sweeps"):
         assert f"sparsefold/{sub}/__init__.py" in names
     assert "sparsefold/configs/quickstart.yaml" in names
+    assert "sparsefold/configs/papers/cscnet.yaml" in names  # the paper recipes ship too
 
 
 def test_top_level_names_do_not_resolve_to_our_folders(tmp_path):

@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from sparsefold.config import ConfigError, RunConfig, to_dict
+from sparsefold.config import ConfigError, OptimConfig, RunConfig, to_dict
 from sparsefold.datasets import (
     PatchStream,
     check_shard_count,
@@ -129,6 +129,13 @@ def lr_at(step: int, cfg: RunConfig, progress: float | None = None) -> float:
     if o.schedule == "step":
         return o.lr * o.gamma ** (step // o.step_size)
     return o.lr
+
+
+def make_optimizer(model: nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
+    """``optim.kind``: Adam (with ``eps``) or SGD with ``momentum``; ``weight_decay`` is an L2 term in both."""
+    if o.kind == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=o.lr, eps=o.eps, weight_decay=o.weight_decay)
 
 
 def _cpu_seconds() -> float:
@@ -399,7 +406,7 @@ def start(cfg: RunConfig, dist: Dist) -> Run:
         if dist.rank == 0:
             print(f"[sparsefold] new run {run_dir.name} starts from the weights of {source}", file=sys.stderr, flush=True)
     model = rt.place(model)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    opt = make_optimizer(model, cfg.optim)
     state = TrainState()
     if resume is not None:
         state = replace(TrainState.from_dict(load_training_state(resume, model, opt)), metrics={})  # validate anew

@@ -58,6 +58,8 @@ class Objective(nn.Module):
         x_hat = m(noisy, sigma).float()
         if kind == "mse":
             return torch.mean((x_hat - clean) ** 2)
+        if kind == "log_mse":  # clamped: a perfect batch would give −inf
+            return torch.log10(torch.mean((x_hat - clean) ** 2).clamp_min(1e-12))
         if kind == "l1":
             return F.l1_loss(x_hat, clean)
         if kind == "ssim_mixed":

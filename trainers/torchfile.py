@@ -8,7 +8,8 @@ unpickles every part with :class:`RestrictedUnpickler`, whose ``find_class`` is 
 reaches a global (GLOBAL, STACK_GLOBAL, INST and the EXT opcodes all go through it). It resolves only:
 
 * tensor rebuilders, re-implemented here (a storage is a flat tensor; a tensor a strided view of it);
-* ``collections.OrderedDict`` and ``set``/``frozenset`` (plain containers);
+* ``collections.OrderedDict`` and ``set``/``frozenset`` (plain containers); ``torch.device``, read as
+  its name (``"cuda:0"``);
 * storage types (``torch.FloatStorage``, ...), mapped to their dtype;
 * module classes: any ``torch.nn.modules.*`` class and the family's own class names (``DnCNN``) become
   inert :class:`StandIn` classes, which only record the pickled state (``_parameters``, ``_buffers``,
@@ -89,6 +90,11 @@ def _rebuild_parameter(data: Tensor, *_: Any) -> Tensor:
     return data
 
 
+def _device(*args: Any) -> str:
+    """``torch.device("cuda", 0)`` (a module's ``device`` attribute, DCEA): its name, ``"cuda:0"``."""
+    return ":".join(str(a) for a in args[:2])
+
+
 def _nothing(*_: Any) -> None:
     """``torch.nn.backends.thnn._get_thnn_function_backend`` (a module's ``_backend`` in torch 0.4)."""
     return None
@@ -101,6 +107,7 @@ ALLOWED: dict[tuple[str, str], Callable[..., Any] | type] = {
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
     ("torch.nn.parameter", "Parameter"): _rebuild_parameter,
     ("torch.nn.backends.thnn", "_get_thnn_function_backend"): _nothing,
+    ("torch", "device"): _device,
     ("collections", "OrderedDict"): OrderedDict,
     ("builtins", "set"): set, ("__builtin__", "set"): set,
     ("builtins", "frozenset"): frozenset, ("__builtin__", "frozenset"): frozenset,
