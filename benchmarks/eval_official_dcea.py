@@ -2,9 +2,10 @@
 
 The convention of btolooshams/dea (src/predict.py, src/trainer.py): clean x in [0, 1]; Q = max(x)/peak;
 counts c ~ Poisson(x/Q) (the network sees raw counts); estimate Q·exp(η̂), not clipped; PSNR per image with
-peak max(x): 20·log10(max x) − 10·log10(MSE), averaged over images. Here one ``torch.Generator`` seeded
-once (seed 0) per release draws the counts in sorted-filename order, one realization per image (the
-authors average 20). Ours sees c/peak and returns exp(η̂)/peak, so its estimate is max(x)·ours(c/peak).
+peak max(x): 20·log10(max x) − 10·log10(MSE), averaged over images. That is ``sparsefold evaluate
+--convention dcea`` (trainers/evaluate.py: x/max x, Poisson(peak·x/max x)/peak from one generator seeded once,
+seed 0, sorted names; output not clipped; PSNR with peak 1 of the rescaled image); one realization per image
+(the authors average 20). The official module gets the same counts, c = peak·(evaluate's noisy image).
 
 For each release it runs ``sparsefold import dcea`` into a temporary checkpoint and builds the official
 class (src/model.py imported by path from ../shared/official, as tests/test_import_dcea.py does) with the
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import sys
 import tempfile
 import time
@@ -28,8 +28,10 @@ from pathlib import Path
 
 import torch
 
+from sparsefold.config import NoiseConfig
 from sparsefold.datasets import list_images, load_image
 from sparsefold.trainers.checkpoint import load_model
+from sparsefold.trainers.evaluate import evaluate_images, noisy_versions, psnr
 from sparsefold.trainers.importers import import_release
 from sparsefold.trainers.torchfile import module_tensors, read_torch_file
 
@@ -63,41 +65,37 @@ def official_module(classes: object, conf: dict, src: Path) -> torch.nn.Module:
     return m.eval()
 
 
-def psnr_max(est: torch.Tensor, x: torch.Tensor) -> float:
-    """The official PSNR: peak max(x) of the clean image, no clipping."""
-    mse = torch.mean((est.double() - x.double()) ** 2).item()
-    return 20 * math.log10(x.max().item()) - 10 * math.log10(mse)
-
-
 @torch.no_grad()
 def eval_release(src: Path, files: list[Path], classes: object) -> dict:
+    """``sparsefold evaluate --convention dcea`` of the imported release (``evaluate_images``) and the official
+    module on the very same counts: the noisy images that evaluate draws (``noisy_versions``, seed 0, sorted
+    names) times the peak. The official estimate Q·exp(η̂) over max(x) is scored by the same PSNR."""
     with tempfile.TemporaryDirectory() as tmp:
         summary = import_release("dcea", src, Path(tmp) / "ckpt")
         ours, meta = load_model(Path(tmp) / "ckpt")
     conf, ours = meta["model"], ours.eval()
-    peak, theirs = conf["peak"], official_module(classes, conf, src)
-    g = torch.Generator().manual_seed(0)
-    rows, t_ours, t_theirs = [], 0.0, 0.0
-    for f in files:
-        x = load_image(f, gray=True)[None]  # (1, 1, H, W) in [0, 1]
-        q = x.max() / peak
-        counts = torch.poisson(x / q, generator=g)
-        t0 = time.process_time()
-        mine = x.max() * ours(counts / peak)  # = Q·exp(η̂)
+    noise = NoiseConfig(kind="poisson", peak=conf["peak"])
+    t0 = time.process_time()
+    res = evaluate_images(ours, files, noise, with_ssim=False, convention="dcea")
+    t_ours = time.process_time() - t0
+    theirs = official_module(classes, conf, src)
+    clean = [x / x.max() for x in (load_image(f, gray=True) for f in files)]  # the dcea convention's images
+    rows, t_theirs = [], 0.0
+    for f, x, y, mine in zip(files, clean, noisy_versions(clean, noise, seed=0), res["per_image"]):
         t1 = time.process_time()
-        z, _, _ = theirs(counts, 0)
-        official = q * torch.exp(z)
-        t_ours, t_theirs = t_ours + t1 - t0, t_theirs + time.process_time() - t1
-        rows.append({"image": f.name, "noisy": psnr_max(q * counts, x), "official": psnr_max(official, x),
-                     "ours": psnr_max(mine, x), "max_abs_diff": (mine - official).abs().max().item()})
+        z, _, _ = theirs((y * noise.peak).round()[None], 0)  # the counts (y = counts / peak)
+        t_theirs += time.process_time() - t1
+        official = torch.exp(z)[0] / noise.peak  # = Q·exp(η̂) / max(x)
+        rows.append({"image": f.name, "noisy": psnr(y, x), "official": psnr(official, x), "ours": mine["psnr"]})
         print(f"  {f.name}: official {rows[-1]['official']:.3f} dB, ours {rows[-1]['ours']:.3f} dB", flush=True)
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("noisy", "official", "ours")}
-    return {"model": conf["name"], "params": summary["params"], "peak": peak, "sha256": summary["source"]["sha256"],
-            "images": [r["image"] for r in rows], "psnr_noisy": mean["noisy"], "psnr_official": mean["official"],
-            "psnr_ours": mean["ours"], "diff_db": mean["ours"] - mean["official"],
-            "max_abs_diff": max(r["max_abs_diff"] for r in rows), "per_image": rows,
+    return {"model": conf["name"], "params": summary["params"], "peak": noise.peak,
+            "sha256": summary["source"]["sha256"], "images": [r["image"] for r in rows],
+            "psnr_noisy": mean["noisy"], "psnr_official": mean["official"], "psnr_ours": mean["ours"],
+            "diff_db": mean["ours"] - mean["official"],
+            "max_per_image_diff_db": max(abs(r["ours"] - r["official"]) for r in rows), "per_image": rows,
             "cpu_s_per_image_ours": t_ours / len(rows), "cpu_s_per_image_official": t_theirs / len(rows),
-            "published": None}
+            "command_ours": f"sparsefold evaluate <import of {src.name}> SET12 --convention dcea", "published": None}
 
 
 def main(argv: list[str]) -> int:

@@ -27,7 +27,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from sparsefold.config import ConfigError, NoiseConfig, dataclass_from_dict, load_run_config
+from sparsefold.config import EVAL_CONVENTIONS, ConfigError, NoiseConfig, dataclass_from_dict, load_run_config
 from sparsefold.errors import InputError, SparsefoldError
 from sparsefold.launch import add_parser as add_launch
 from sparsefold.launch import mask_secrets
@@ -140,11 +140,13 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         raise InputError(f"{a.data_dir}: no images found (png/jpg/bmp/tif); point DATA_DIR at an image folder")
     gray = meta["model"].get("channels", 1) == 1
     noise = noise_for(a, meta)
-    res = evaluate_images(model, files, noise, gray=gray, seed=a.seed, blind=a.blind, max_memory=a.max_memory)
+    res = evaluate_images(model, files, noise, gray=gray, seed=a.seed, blind=a.blind, max_memory=a.max_memory,
+                          convention=a.convention)
     out = {k: res[k] for k in ("psnr", "ssim", "images", "sec_per_image", "cpu_sec_per_image", "input_psnr")}
     out.update(params=count_parameters(model), model=meta["model"]["name"], checkpoint=meta["path"],
                noise=noise.kind, sigma=noise.sigma if noise.kind == "gaussian" else None,
-               peak=noise.peak if noise.kind == "poisson" else None, blind=a.blind, data=str(a.data_dir))
+               peak=noise.peak if noise.kind == "poisson" else None, blind=a.blind, data=str(a.data_dir),
+               convention=a.convention)
     if a.per_image:
         for row in res["per_image"]:
             print(f"{row['file']}\t{row['psnr']:.3f}", file=sys.stderr)
@@ -288,6 +290,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--images", type=int, default=0, help="first N >= 0 sorted images (0: all)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--per-image", action="store_true")
+    s.add_argument("--convention", choices=EVAL_CONVENTIONS, default="shared",
+                   help="shared: the benchmark convention (output clipped to [0, 1]); dcea: the DCEA code's Poisson "
+                        "convention (each image divided by its maximum, output not clipped)")
     s.add_argument("--max-memory", type=memory_size, help=MAX_MEMORY_HELP)
     s.set_defaults(fn=cmd_evaluate)
     s = sub.add_parser("denoise", help="denoise an image or a folder (default model: the bundled cscnet)",

@@ -198,6 +198,8 @@ class LossConfig:
 
 
 LOSSES = ("mse", "l1", "ssim_mixed", "multilayer", "nll", "log_mse")
+# evaluation conventions (trainers/evaluate.py): the shared one, and the DCEA code's Poisson convention
+EVAL_CONVENTIONS = ("shared", "dcea")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -250,3 +250,29 @@ def test_bundled_release_equals_import_of_the_official_file(tmp_path, name):
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
     model, _ = load_model(bundled.name)  # by its bundled name
     assert meta["params"] == sum(p.numel() for p in model.parameters())
+
+
+def test_dcea_evaluation_convention_rescales_by_the_maximum_and_does_not_clip(tmp_path):
+    """``evaluate --convention dcea``: each clean image divided by its maximum (so a darker copy of an image
+    scores the same: same counts, same PSNR) and the output left unclipped; the shared convention clips."""
+    from PIL import Image
+
+    from sparsefold.config import NoiseConfig
+    from sparsefold.trainers.evaluate import evaluate_images
+
+    class Brighter(nn.Module):  # an "estimate" above 1 where the noisy input is
+        def forward(self, y: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
+            return 1.5 * y
+
+    g = torch.Generator().manual_seed(0)
+    img = (torch.rand(24, 24, generator=g) * 200 + 20).to(torch.uint8)
+    for name, scale in (("a.png", 1.0), ("b.png", 0.5)):
+        Image.fromarray((img.float() * scale).round().to(torch.uint8).numpy()).save(tmp_path / name)
+    noise, model = NoiseConfig(kind="poisson", peak=4.0), Brighter()
+    dcea = [evaluate_images(model, [tmp_path / n], noise, with_ssim=False, convention="dcea")["psnr"]
+            for n in ("a.png", "b.png")]
+    assert dcea[0] == pytest.approx(dcea[1], abs=0.05)  # 8-bit rounding of the darker copy only
+    shared = evaluate_images(model, [tmp_path / "a.png"], noise, with_ssim=False)["psnr"]
+    assert shared > dcea[0] + 0.5  # clipping at 1 helps an over-bright estimate
+    with pytest.raises(InputError, match="^--convention"):
+        evaluate_images(model, [tmp_path / "a.png"], noise, convention="paper")

@@ -91,7 +91,7 @@ def test_denoise_tiles_under_a_budget_and_matches(monkeypatch):
     _, noisy = _strip(PHOTOS[0], 200, 200, True, seed=3)
     calls = []
     real = evaluate.denoise_tiled
-    monkeypatch.setattr(evaluate, "denoise_tiled", lambda *a: calls.append(a[-1]) or real(*a))
+    monkeypatch.setattr(evaluate, "denoise_tiled", lambda *a: calls.append(a[4]) or real(*a))  # a[4]: max_pixels
     whole = denoise(model, noisy, sigma=25, max_memory=1 << 40)
     assert not calls
     tiled = denoise(model, noisy, sigma=25, max_memory=8 << 20)

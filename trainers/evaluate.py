@@ -4,6 +4,11 @@ Convention: images in [0, 1] read in sorted filename order; additive Gaussian no
 in float32 from ONE torch.Generator seeded once (seed 0), no clipping of the noisy input; the output is
 clipped to [0, 1]; PSNR per image with peak 1, averaged over images. SSIM: torchmetrics' Gaussian-window
 SSIM (11×11, σ=1.5, data_range 1) per image, averaged.
+
+``convention="dcea"``: the Poisson convention of the DCEA code (btolooshams/dea src/predict.py), for comparing
+its releases with the numbers its code prints: each clean image divided by its maximum (the counts are then
+Poisson(peak·x/max x), as theirs), the output not clipped; PSNR with peak 1 of the rescaled image, which is
+their PSNR with peak max(x) of the estimate max(x)·x̂.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from sparsefold.config import NoiseConfig
+from sparsefold.config import EVAL_CONVENTIONS, NoiseConfig
 from sparsefold.datasets import add_noise, gaussian_eval_noise, load_image, save_image
 from sparsefold.errors import InputError, RunError
 from sparsefold.trainers.tiling import denoise_tiled, tile_pixels
@@ -49,17 +54,17 @@ def noisy_versions(clean: list[Tensor], noise: NoiseConfig, seed: int = 0) -> li
 
 @torch.inference_mode()
 def denoise(model: nn.Module, noisy: Tensor, device: torch.device | str = "cpu", sigma: float | None = None,
-            max_memory: int | None = None) -> Tensor:
-    """Model output for one (C, H, W) image, clipped to [0, 1]. ``sigma`` (0..255) is the known noise
+            max_memory: int | None = None, clip: bool = True) -> Tensor:
+    """Model output for one (C, H, W) image, clipped to [0, 1] (unless not ``clip``). ``sigma`` (0..255) is the known noise
     level, or None: noise-adaptive models then estimate it from the image (blind denoising). An image
     whose forward pass would need more than ``max_memory`` bytes (None: ``tiling.default_max_memory``)
     runs in overlapping tiles, with the same result (``trainers/tiling.py``)."""
     pixels = tile_pixels(model, noisy, device, max_memory)
     if pixels is not None:
-        return denoise_tiled(model, noisy, device, sigma, pixels)
+        return denoise_tiled(model, noisy, device, sigma, pixels, clip)
     s = None if sigma is None else torch.tensor([float(sigma)], device=device)
     out = model(noisy.unsqueeze(0).to(device), s).squeeze(0).float().cpu()
-    return out.clamp_(0.0, 1.0)
+    return out.clamp_(0.0, 1.0) if clip else out
 
 
 def evaluate_images(
@@ -73,18 +78,23 @@ def evaluate_images(
     keep_first: bool = False,
     blind: bool = False,
     max_memory: int | None = None,
+    convention: str = "shared",
 ) -> dict:
     """Score ``model`` on ``files`` (in the given order). Returns psnr, ssim, images, sec_per_image,
     per-image lists and, with ``keep_first``, the first (noisy, denoised, clean) triple. The model is told
-    the noise level unless ``blind``."""
+    the noise level unless ``blind``. ``convention``: ``shared`` or ``dcea`` (module docstring)."""
+    if convention not in EVAL_CONVENTIONS:
+        raise InputError(f"--convention: one of {', '.join(EVAL_CONVENTIONS)}, got {convention!r}")
     was_training = model.training
     model.eval()
     clean = [load_image(f, gray=gray) for f in files]
+    if convention == "dcea":
+        clean = [x / x.max().clamp_min(1e-12) for x in clean]
     noisy = noisy_versions(clean, noise, seed=seed)
     psnrs, ssims, secs, cpu, first = [], [], [], [], None
     for i, (x, y) in enumerate(zip(clean, noisy)):
         t0, c0 = time.perf_counter(), time.process_time()
-        out = denoise(model, y, device, None if blind else noise.eval_sigma, max_memory)
+        out = denoise(model, y, device, None if blind else noise.eval_sigma, max_memory, convention == "shared")
         secs.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)  # CPU seconds of all threads: robust to other load
         psnrs.append(psnr(out, x))

@@ -206,8 +206,8 @@ def _takes_mean(model: nn.Module) -> bool:
 
 @torch.inference_mode()
 def denoise_tiled(model: nn.Module, noisy: Tensor, device: torch.device | str, sigma: float | None,
-                  max_pixels: int) -> Tensor:
-    """Model output for one (C, H, W) image, clipped to [0, 1], computed in tiles of at most ``max_pixels``
+                  max_pixels: int, clip: bool = True) -> Tensor:
+    """Model output for one (C, H, W) image, clipped to [0, 1] (if ``clip``), in tiles of at most ``max_pixels``
     input pixels (see the module docstring); equal to the whole-image output. σ (0..255) is the known
     noise level or None (blind: estimated once on the whole image)."""
     y = noisy.unsqueeze(0)
@@ -221,4 +221,4 @@ def denoise_tiled(model: nn.Module, noisy: Tensor, device: torch.device | str, s
         r0, c0 = t.core_rows.start - t.rows.start, t.core_cols.start - t.cols.start
         rows, cols = t.core_rows.stop - t.core_rows.start, t.core_cols.stop - t.core_cols.start
         out[:, t.core_rows, t.core_cols] = x[:, r0:r0 + rows, c0:c0 + cols].float().cpu()
-    return out.clamp_(0.0, 1.0)
+    return out.clamp_(0.0, 1.0) if clip else out
