@@ -47,7 +47,7 @@ def aggregate_patches(patches: Tensor, weight: Tensor | None, out_hw: tuple[int,
     c = m // (p * p)
     if weight is None:
         num = fold_patches(patches, out_hw, p)
-        den = fold_patches(patches.new_ones(1, n, m), out_hw, p)  # how many patches cover each pixel
+        den = fold_patches(torch.ones_like(patches[:1]), out_hw, p)  # how many patches cover each pixel
     else:
         wv = weight.reshape(-1)
         wv = wv.repeat(c) if wv.numel() == p * p else wv  # (C·p²,)

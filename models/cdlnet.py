@@ -59,6 +59,7 @@ from sparsefold.models.convops import conv_analysis, conv_synthesis, power_metho
 from sparsefold.models.noise_level import estimate_sigma, noise_adaptive_threshold
 from sparsefold.models.prox import soft_threshold
 from sparsefold.models.tiling import Tiling
+from sparsefold.models.unfolding import unfolding
 
 POWER_SIZE, POWER_ITERS = 128, 100  # L = ‖D‖²₂ for the init and for conv_ista (same settings)
 
@@ -139,6 +140,8 @@ def initial_dictionary(config: CDLNetConfig) -> Tensor:
 class CDLNet(nn.Module):
     """Untied (or tied) convolutional LISTA with noise-adaptive thresholds. See the module docstring."""
 
+    checkpoint_unfoldings = False  # True: each layer is recomputed in backward (models/unfolding.py)
+
     def __init__(self, config: CDLNetConfig, init: bool = True) -> None:
         """``init=False``: A, B allocated but not drawn (no power method), for a state dict to fill."""
         super().__init__()
@@ -190,14 +193,18 @@ class CDLNet(nn.Module):
         z = soft_threshold(analysis(yp, self.A[0], s), self.thresholds(0, sigma))  # Eq. (1)
         codes = [z]
         for k in range(1, self.depth):
-            j = self._layer(k)
-            r = synthesis(z, self.B[j], s) - yp  # B⁽ᵏ⁾z − y: (N, C, s·h, s·w)
-            v = analysis(r, self.A[j], s, add=z, alpha=-1.0)  # z − A⁽ᵏ⁾(B⁽ᵏ⁾z − y), fused in the GEMM
-            z = soft_threshold(v, self.thresholds(k, sigma))  # Eq. (2)
+            z = unfolding(self, self.step, k, z, yp, sigma)  # Eq. (2)
             if not keep_all:
                 codes.clear()
             codes.append(z)
         return codes
+
+    def step(self, k: int, z: Tensor, yp: Tensor, sigma: Tensor | None) -> Tensor:
+        """Layer k, Eq. (2): z⁽ᵏ⁾ = S_τ⁽ᵏ⁾(z − A⁽ᵏ⁾(B⁽ᵏ⁾z − y)); z (N, M, h, w), yp (N, C, s·h, s·w)."""
+        j, s = self._layer(k), self.config.stride
+        r = synthesis(z, self.B[j], s) - yp  # B⁽ᵏ⁾z − y: (N, C, s·h, s·w)
+        v = analysis(r, self.A[j], s, add=z, alpha=-1.0)  # z − A⁽ᵏ⁾(B⁽ᵏ⁾z − y), fused in the GEMM
+        return soft_threshold(v, self.thresholds(k, sigma))
 
     def _prepare(self, y: Tensor, mean: Tensor | None = None) -> tuple[Tensor, Tensor, tuple[int, int, int, int]]:
         """Subtract the image mean (given, or y's) and reflect-pad to a multiple of s (official pre_process)."""

@@ -58,6 +58,16 @@ class Deepening(Protocol):
 
 
 @runtime_checkable
+class Checkpointed(Protocol):
+    """An unfolded model whose unfoldings can be recomputed in the backward pass instead of stored
+    (``trainer.activation_checkpointing``): the training loop sets ``checkpoint_unfoldings = True`` once at
+    the start; the model wraps each unfolding in :func:`.unfolding.unfolding`. A class attribute (default
+    False), so that config validation can check the class without building a model."""
+
+    checkpoint_unfoldings: bool
+
+
+@runtime_checkable
 class Likelihood(Protocol):
     """Natural parameter η of the noise model's likelihood, for the unsupervised loss (``loss.kind=nll``,
     see :mod:`.likelihoods`)."""

@@ -126,8 +126,12 @@ def shift_stack(y: Tensor, kernel: int, stride: int) -> Tensor:
     top, bottom, left, right = shift_geometry(h, w, kernel, stride)
     ph, pw = h + top + bottom, w + left + right
     big = reflect_pad(y, (left, right + stride - 1, top, bottom + stride - 1))  # (B, C, Ph+s−1, Pw+s−1)
-    # Window (i, j) of `big` equals y padded with (top − i, bottom + i, left − j, right + j).
-    win = big.unfold(2, ph, 1).unfold(3, pw, 1)  # (B, C, s, s, Ph, Pw) view, no copy
+    # Window (i, j) of `big` equals y padded with (top − i, bottom + i, left − j, right + j). One gather, not
+    # Tensor.unfold: the ONNX exporter fixes an unfold's window size to the example's (trainers/export.py).
+    ar = torch.arange(stride, device=y.device)
+    rows = ar[:, None] + torch.arange(ph, device=y.device)  # (s, Ph)
+    cols = ar[:, None] + torch.arange(pw, device=y.device)  # (s, Pw)
+    win = big[:, :, rows[:, None, :, None], cols[None, :, None, :]]  # (B, C, s, s, Ph, Pw)
     return win.permute(0, 2, 3, 1, 4, 5).reshape(b * stride * stride, c, ph, pw)
 
 

@@ -59,6 +59,7 @@ from sparsefold.models.convops import conv_analysis, conv_synthesis, power_metho
 from sparsefold.models.noise_level import estimate_sigma, noise_adaptive_threshold
 from sparsefold.models.prox import soft_threshold, soft_threshold_masks
 from sparsefold.models.tiling import Tiling
+from sparsefold.models.unfolding import unfolding
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,6 +99,8 @@ def initial_filters(config: CSCNetConfig) -> Tensor:
 
 class CSCNet(nn.Module):
     """Tied convolutional LISTA with separate A, B, C and shift-averaging. See the module docstring."""
+
+    checkpoint_unfoldings = False  # True: each unfolding is recomputed in backward (models/unfolding.py)
 
     def __init__(self, config: CSCNetConfig, init: bool = True) -> None:
         """``init=False``: A, B, C allocated but not drawn (no power method), for a state dict to fill."""
@@ -147,18 +150,23 @@ class CSCNet(nn.Module):
         T = self.depth if depth is None else depth
         if T < 1:
             raise ValueError(f"depth must be >= 1, got {T}")
-        hw = ys.shape[-2:]
         By = conv_analysis(ys, self.B, s)  # (N, K, h, w), computed once
-        shrink = soft_threshold if self.config.negative_threshold == "clamp" else soft_threshold_masks
-        gammas = [shrink(By, theta)]  # Eq. (1)
+        gammas = [self.shrink(By, theta)]  # Eq. (1)
         for _ in range(T - 1):
-            g = gammas[-1]
-            Ag = conv_synthesis(g, self.A, s, hw)  # A γ_t: (N, C, Ph, Pw)
-            v = conv_analysis(Ag, self.B, s, add=g + By, alpha=-1.0)  # γ_t − B(Aγ_t − y), fused
-            gammas.append(shrink(v, theta))  # Eq. (2)
+            gammas.append(unfolding(self, self.step, gammas[-1], By, theta, ys.shape[-2:]))  # Eq. (2)
             if not keep_all:
                 del gammas[0]
         return gammas
+
+    def step(self, g: Tensor, By: Tensor, theta: Tensor, hw: tuple[int, ...]) -> Tensor:
+        """One unfolding, Eq. (2): γ_{t+1} = S_θ(γ_t − B(A γ_t − y)); g = γ_t (N, K, h, w), hw = (Ph, Pw)."""
+        Ag = conv_synthesis(g, self.A, self.config.stride, hw)  # A γ_t: (N, C, Ph, Pw)
+        v = conv_analysis(Ag, self.B, self.config.stride, add=g + By, alpha=-1.0)  # γ_t − B(Aγ_t − y), fused
+        return self.shrink(v, theta)
+
+    def shrink(self, v: Tensor, theta: Tensor) -> Tensor:
+        """S_θ(v), by ``config.negative_threshold`` (see the module docstring)."""
+        return (soft_threshold if self.config.negative_threshold == "clamp" else soft_threshold_masks)(v, theta)
 
     def forward(self, y: Tensor, sigma: Tensor | None = None) -> Tensor:
         """y (B, C, H, W) noisy, sigma (B,) in 0..255 (used when noise-adaptive) -> x̂ (B, C, H, W)."""

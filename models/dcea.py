@@ -80,6 +80,7 @@ from sparsefold.models import likelihoods as lk
 from sparsefold.models.convops import conv_analysis, conv_synthesis, power_method, shift_average, shift_stack
 from sparsefold.models.prox import soft_threshold
 from sparsefold.models.tiling import Tiling
+from sparsefold.models.unfolding import unfolding
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -154,6 +155,8 @@ def initial_atoms(config: DCEAConfig) -> Tensor:
 class DCEA(nn.Module):
     """DCEA-C / DCEA-UC (``config.tied``): unrolled proximal gradient on an exponential-family NLL."""
 
+    checkpoint_unfoldings = False  # True: each unfolding is recomputed in backward (models/unfolding.py)
+
     def __init__(self, config: DCEAConfig, init: bool = True) -> None:
         """``init=False``: the atoms allocated but not drawn, for a state dict to fill; the power method
         still runs with ``normalize_atoms`` (its 1/√L is not in the state dict)."""
@@ -218,24 +221,26 @@ class DCEA(nn.Module):
                     keep_all: bool = True) -> list[Tensor]:
         """Codes x_1..x_T of the padded count stack cs (N, C, Ph, Pw) with offsets mu (N, C, 1, 1);
         each (N, K, h, w). ``keep_all=False`` returns only [x_T]."""
-        cfg = self.config
-        s, T = cfg.stride, self.depth if depth is None else depth
-        b = self.threshold.view(1, -1, 1, 1)  # (1, K, 1, 1)
-        elu = cfg.residual_elu and cfg.likelihood == "poisson"
-        hw = cs.shape[-2:]
-        H, W_e = self.synthesis, self.encoder
+        T = self.depth if depth is None else depth
         codes: list[Tensor] = []
         x = None  # x_0 = 0
         for _ in range(T):
-            eta = mu if x is None else conv_synthesis(x, H, s, hw) + mu  # H x_t + μ: (N, C, Ph, Pw)
-            r = cs - lk.inverse_link(cfg.likelihood, eta, trials=cfg.trials)  # Eq. (1)
-            if elu:
-                r = F.elu(r, alpha=cfg.peak)  # Eq. (1')
-            v = conv_analysis(r, W_e, s, add=x)  # x_t + W_e r_t: (N, K, h, w)
-            x = F.relu(v - b) if not cfg.twosided else (  # Eq. (2)
-                soft_threshold(v, b) if cfg.negative_threshold == "clamp" else torch.sign(v) * F.relu(v.abs() - b))
+            x = unfolding(self, self.step, x, cs, mu)  # Eqs. (1)-(2)
             codes = [*codes, x] if keep_all else [x]
         return codes
+
+    def step(self, x: Tensor | None, cs: Tensor, mu: Tensor) -> Tensor:
+        """One unfolding, Eqs. (1)-(2): x_t (N, K, h, w) or None (x_0 = 0) -> x_{t+1} (N, K, h, w)."""
+        cfg = self.config
+        s, b = cfg.stride, self.threshold.view(1, -1, 1, 1)  # b: (1, K, 1, 1)
+        eta = mu if x is None else conv_synthesis(x, self.synthesis, s, cs.shape[-2:]) + mu  # H x_t + μ
+        r = cs - lk.inverse_link(cfg.likelihood, eta, trials=cfg.trials)  # Eq. (1)
+        if cfg.residual_elu and cfg.likelihood == "poisson":
+            r = F.elu(r, alpha=cfg.peak)  # Eq. (1')
+        v = conv_analysis(r, self.encoder, s, add=x)  # x_t + W_e r_t: (N, K, h, w)
+        if not cfg.twosided:
+            return F.relu(v - b)  # Eq. (2)
+        return soft_threshold(v, b) if cfg.negative_threshold == "clamp" else torch.sign(v) * F.relu(v.abs() - b)
 
     def _stack(self, y: Tensor, mean: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Counts of the s² shifted copies (B·s², C, Ph, Pw), their offsets (B·s², C, 1, 1), μ (B, C, 1, 1)."""

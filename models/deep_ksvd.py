@@ -52,6 +52,7 @@ from sparsefold.errors import check
 from sparsefold.models._patches import aggregate_patches, extract_patches, overcomplete_dct
 from sparsefold.models.prox import soft_threshold
 from sparsefold.models.tiling import Tiling
+from sparsefold.models.unfolding import unfolding
 
 HIDDEN = (128, 64, 32)  # the official MLP widths
 
@@ -79,6 +80,8 @@ class DeepKSVDConfig:
 
 class DeepKSVD(nn.Module):
     """Deep K-SVD: per-patch λ from an MLP, tied ISTA, learned averaging mask. See the module docstring."""
+
+    checkpoint_unfoldings = False  # True: each unfolding is recomputed in backward (models/unfolding.py)
 
     def __init__(self, config: DeepKSVDConfig, init: bool = True) -> None:
         """``init=False``: the parameters allocated but not initialized, for a state dict to fill."""
@@ -131,10 +134,15 @@ class DeepKSVD(nn.Module):
         codes = [soft_threshold(Dty, theta)]  # Eq. (2)
         b = Dty / self.c
         for _ in range(self.depth):
-            codes.append(soft_threshold(torch.addmm(b, codes[-1], S), theta))  # Eq. (3) (S symmetric)
+            codes.append(unfolding(self, self.step, codes[-1], b, S, theta))  # Eq. (3)
             if not keep_all:
                 del codes[0]
         return codes, lam
+
+    @staticmethod
+    def step(z: Tensor, b: Tensor, S: Tensor, theta: Tensor) -> Tensor:
+        """One ISTA step, Eq. (3): S_θ(S z + Dᵀy/c) for z (N, K), S (K, K) symmetric, θ = λ/c (N, 1)."""
+        return soft_threshold(torch.addmm(b, z, S), theta)
 
     def _decode(self, z: Tensor, shape: torch.Size) -> Tensor:
         """Eqs. (4)-(5) and the map back to [0, 1]: codes (B·L, K) -> x̂ (B, 1, H, W)."""

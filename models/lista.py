@@ -50,6 +50,7 @@ from sparsefold.errors import check
 from sparsefold.models._patches import aggregate_patches, extract_patches, overcomplete_dct
 from sparsefold.models.prox import soft_threshold
 from sparsefold.models.tiling import Tiling
+from sparsefold.models.unfolding import unfolding
 
 
 def lasso_objective(D: Tensor, y: Tensor, z: Tensor, lam: Tensor | float) -> Tensor:
@@ -134,6 +135,8 @@ def ista_weights(config: LISTAConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 class LISTA(nn.Module):
     """LISTA denoiser on overlapping patches, tied or untied. See the module docstring."""
 
+    checkpoint_unfoldings = False  # True: each unfolding is recomputed in backward (models/unfolding.py)
+
     def __init__(self, config: LISTAConfig, init: bool = True) -> None:
         """``init=False``: the weights allocated but not computed, for a state dict to fill."""
         super().__init__()
@@ -168,16 +171,20 @@ class LISTA(nn.Module):
         if self.config.tied:
             Wy = yc @ self.W_e.T  # W_e y: (N, K), computed once
         else:
-            Wy = (yc @ self.W_e[: self.depth].reshape(-1, yc.shape[1]).T).view(len(yc), self.depth, -1)
+            Wy = (yc @ self.W_e[: self.depth].reshape(-1, yc.shape[1]).T).view(yc.shape[0], self.depth, -1)
         codes: list[Tensor] = []
         for t in range(self.depth):
-            _, S, theta = self._layer(t)
-            b = Wy if self.config.tied else Wy[:, t]
-            v = b if S is None else torch.addmm(b, codes[-1], S.T)  # W_e y + S z_t: (N, K)
-            codes.append(soft_threshold(v, theta))  # Eq. (1) / (2)
+            b = Wy if self.config.tied else Wy[:, t]  # W_e,t y: (N, K)
+            codes.append(unfolding(self, self.step, t, b, codes[-1] if codes else None))  # Eq. (1) / (2)
             if not keep_all and len(codes) > 1:
                 del codes[0]
         return codes
+
+    def step(self, t: int, b: Tensor, z: Tensor | None) -> Tensor:
+        """Layer t: z_{t+1} = S_θ_t(W_e,t y + S_t z_t), b = W_e,t y (N, K), z = z_t (None at t = 0)."""
+        _, S, theta = self._layer(t)
+        v = b if S is None or z is None else torch.addmm(b, z, S.T)  # W_e y + S z_t: (N, K)
+        return soft_threshold(v, theta)
 
     def _centered_patches(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """y (B, C, H, W) -> centered patch vectors (B·L, m) and their per-channel means (B·L, C, 1)."""
@@ -190,7 +197,7 @@ class LISTA(nn.Module):
     def _decode(self, z: Tensor, mu: Tensor, shape: torch.Size) -> Tensor:
         """Eq. (3): x̂_k = D z + μ_k, then patch averaging -> (B, C, H, W)."""
         c = self.config.channels
-        xk = (z @ self.D.T).view(len(z), c, -1) + mu  # (B·L, C, p²)
+        xk = (z @ self.D.T).view(z.shape[0], c, -1) + mu  # (B·L, C, p²)
         return aggregate_patches(xk.view(shape[0], -1, xk.shape[1] * xk.shape[2]), None, shape[-2:])
 
     def reconstructions(self, y: Tensor, sigma: Tensor | None = None) -> list[Tensor]:

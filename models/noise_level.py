@@ -19,4 +19,4 @@ def estimate_sigma(y: Tensor) -> Tensor:
 
 def noise_adaptive_threshold(tau0: Tensor, tau1: Tensor, sigma: Tensor) -> Tensor:
     """CDLNet's threshold τ = τ₀ + τ₁·σ/255 per image: tau0, tau1 (K,), sigma (B,) -> (B, K, 1, 1)."""
-    return (tau0.view(1, -1) + tau1.view(1, -1) * (sigma.view(-1, 1).to(tau0) / 255.0)).view(len(sigma), -1, 1, 1)
+    return (tau0.view(1, -1) + tau1.view(1, -1) * (sigma.view(-1, 1).to(tau0) / 255.0)).view(sigma.shape[0], -1, 1, 1)

@@ -38,6 +38,9 @@ def soft_threshold(v: Tensor, theta: Tensor | float) -> Tensor:
     """S_θ(v) = sign(v)·max(|v| − θ, 0), the proximal operator of θ‖·‖₁ (θ ≥ 0, broadcast to v)."""
     if not isinstance(theta, Tensor):
         theta = torch.tensor(float(theta), dtype=v.dtype, device=v.device)
+    if not torch.is_grad_enabled():  # no backward: the same arithmetic without the Function (TorchScript can trace it)
+        th = theta.to(v.dtype).clamp_min(0)
+        return v - torch.clamp(v, -th, th)
     return _SoftThreshold.apply(v, theta.to(v.dtype))
 
 

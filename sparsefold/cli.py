@@ -5,6 +5,7 @@
     sparsefold evaluate CHECKPOINT DATA_DIR [--sigma 25] [--images N]
     sparsefold denoise [CHECKPOINT] INPUT OUTPUT
     sparsefold models [--json]
+    sparsefold export CHECKPOINT OUT.onnx|OUT.pt
     sparsefold import FAMILY SRC OUT [--sigma S] [--overwrite]    # an official release -> a checkpoint
     sparsefold sweep SPEC [key=value ...] [--dry-run] [--retry-errored]
     sparsefold report SWEEP_DIR [--test-dir DIR] [--images N]
@@ -12,7 +13,8 @@
 
 Scriptable: human-readable progress goes to stderr; the last stdout line of ``train`` and ``evaluate``
 is one JSON object. CHECKPOINT is a checkpoint directory, a run directory (its latest checkpoint),
-or the name of a bundled model (``sparsefold models``). Every failure is one stderr line; exit code 2 on
+the name of a bundled model (``sparsefold models``) or a W&B model artifact
+(``wandb:ENTITY/PROJECT/NAME:ALIAS``). Every failure is one stderr line; exit code 2 on
 bad input, 1 on a failed run (policy: :func:`main`); ``sparsefold --debug ...`` adds the traceback.
 """
 
@@ -200,6 +202,17 @@ def cmd_import(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    """A checkpoint -> ONNX (OUT.onnx) or TorchScript (OUT.pt), dynamic batch and H×W (trainers/export.py)."""
+    from sparsefold.trainers.export import export_checkpoint
+
+    out = export_checkpoint(a.checkpoint, a.out)
+    print(f"[sparsefold] exported {out['model']} ({out['checkpoint']}) -> {out['output']} "
+          f"(inputs: {', '.join(out['inputs'])})", file=sys.stderr)
+    _print_json(out)
+    return 0
+
+
 def cmd_models(a: argparse.Namespace) -> int:
     """Lists without building a model (a build runs the power-method init: seconds): an architecture's count
     is its registry entry's, a bundled model's the ``params`` its config.json was bundled with (both are
@@ -322,6 +335,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--sigma", type=float, help="noise σ (0..255) it was trained for (default: what the release says)")
     s.add_argument("--overwrite", action="store_true", help="replace OUT if it is a checkpoint directory")
     s.set_defaults(fn=cmd_import)
+    s = sub.add_parser("export", help="export a model to ONNX (.onnx) or TorchScript (.pt) for deployment",
+                       description="Inputs: noisy (B, C, H, W) in [0, 1], and sigma (B,) in 0..255 for noise-adaptive "
+                       "models; output: denoised (B, C, H, W), not clipped. Batch, height and width are dynamic. "
+                       "A model that cannot be exported is refused with the reason (README, Export).")
+    s.add_argument("checkpoint", help="checkpoint directory, run directory or bundled model name")
+    s.add_argument("out", type=Path, help="output file: .onnx (ONNX, opset 18) or .pt (TorchScript)")
+    s.set_defaults(fn=cmd_export)
     s = sub.add_parser("models", help="list architectures and bundled models")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_models)

@@ -225,6 +225,8 @@ class TrainerConfig:
     depth_stages: tuple[int, ...] = ()
     budget_cpu_seconds: float = 0.0
     init_from: str = ""  # fine-tuning: a new run starts from this checkpoint's weights (new optimizer, step 0)
+    # recompute each unfolding in the backward pass instead of storing it (unfolded models: models/unfolding.py)
+    activation_checkpointing: bool = field(default=False, metadata={"run_name": "if_set"})  # added in 0.1
 
     def __post_init__(self) -> None:
         check(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
@@ -393,6 +395,9 @@ class RunConfig:
             depth = getattr(self.model, "depth", None)
             check(self.trainer.depth_stages[-1] == depth, "trainer.depth_stages",
                   f"the last stage must equal model.depth={depth}, got {list(self.trainer.depth_stages)}")
+        if self.trainer.activation_checkpointing:  # a class attribute (models/contract.py Checkpointed)
+            check(module is not None and hasattr(module, "checkpoint_unfoldings"), "trainer.activation_checkpointing",
+                  f"model {self.model.name!r} is not an unfolded model: it has no unfoldings to checkpoint")
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

@@ -17,6 +17,11 @@ from sparsefold.trainers.storage import bundled_models, read_config
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# Tests never log online: wandb.mode=auto goes online whenever wandb could find an API key (README, "W&B"),
+# whatever WANDB_MODE says, so none is visible to them (no key variable, an empty netrc).
+for _name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
+    os.environ.pop(_name, None)
+os.environ["NETRC"] = os.devnull
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

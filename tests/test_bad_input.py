@@ -26,6 +26,7 @@ from sparsefold.datasets import write_shards
 from sparsefold.trainers.checkpoint import load_model
 from sparsefold.trainers.loop import train
 from sparsefold.trainers.storage import MANIFEST, OPTIM, CheckpointError, sha256_file
+from sparsefold.trainers.tracking import NullTracker
 
 TINY = ["model.name=dncnn", "model.depth=3", "model.features=8"]  # builds in ms
 
@@ -99,7 +100,7 @@ def test_corrupt_shard_and_undecodable_image_are_skipped_and_counted(fast, tmp_p
     assert max(m.get("data/skipped", 0) for m in logged) == out["skipped"]
 
 
-class Recorder:
+class Recorder(NullTracker):
     def __init__(self, rows: list) -> None:
         self.rows = rows
 

@@ -229,7 +229,8 @@ def test_rayjob_runtime_env():
     env = yaml.safe_load(rayjob()["spec"]["runtimeEnvYAML"])
     assert env["pip"] and env["env_vars"]
     RuntimeEnv(**env)  # ray's own validation (env_vars must be str -> str, ...)
-    assert "WANDB_MODE" in env["env_vars"] and "WANDB_API_KEY" not in env["env_vars"]
+    # no WANDB_MODE: wandb.mode=auto decides (online with the Secret's key); no key in the manifest
+    assert "WANDB_MODE" not in env["env_vars"] and "WANDB_API_KEY" not in env["env_vars"]
     assert env["env_vars"]["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
     project = [p for p in env["pip"] if p.startswith("sparsefold")]
     assert project and all(" @ " in p for p in project), "never a bare PyPI `sparsefold` (not this project)"
@@ -300,7 +301,7 @@ def test_runtime_env_file():
     env = load("runtime_env.yaml")
     assert env["pip"] and env["env_vars"]
     RuntimeEnv(**env)
-    assert env["env_vars"]["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5" and "WANDB_MODE" in env["env_vars"]
+    assert env["env_vars"]["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5" and "WANDB_MODE" not in env["env_vars"]
     assert "WANDB_API_KEY" not in env["env_vars"]
     excludes = {e.strip("/") for e in env["excludes"]}
     assert {"runs", "wandb", "*.tar", ".venv"} <= excludes

@@ -32,6 +32,7 @@ from sparsefold.config import load_config, load_run_config
 from sparsefold.trainers.checkpoint import load_training_state, save_checkpoint
 from sparsefold.trainers.loop import train
 from sparsefold.trainers.storage import CheckpointError, latest_checkpoint, verify_checkpoint
+from sparsefold.trainers.tracking import NullTracker
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,7 +128,7 @@ def test_driver_side_resume_is_announced_or_refused(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ NaN/Inf: skip, then roll back
-class Recorder:
+class Recorder(NullTracker):
     def __init__(self) -> None:
         self.rows: list[tuple[int, dict]] = []
 

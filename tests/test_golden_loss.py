@@ -16,6 +16,7 @@ from PIL import Image
 
 import sparsefold.trainers.loop as loop
 from sparsefold.config import load_config
+from sparsefold.trainers.tracking import NullTracker
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,7 +24,7 @@ GOLDEN = Path(__file__).resolve().parent / "assets" / "golden_losses_cscnet.json
 STEPS = 10
 
 
-class LossRecorder:
+class LossRecorder(NullTracker):
     """Stands in for the W&B tracker: keeps ``train/loss`` by step."""
 
     def __init__(self) -> None:

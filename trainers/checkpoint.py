@@ -29,6 +29,7 @@ from torch import nn
 from sparsefold.config import RunConfig, dataclass_from_dict, migrate, to_dict
 from sparsefold.errors import InputError, RunError
 from sparsefold.models import MODELS, build_model
+from sparsefold.trainers.provenance import code_version
 from sparsefold.trainers.storage import (
     BUNDLED_DIR,
     CONFIG,
@@ -63,12 +64,14 @@ def _fsync(path: Path) -> None:
 def _write_files(tmp: Path, model: nn.Module, cfg: RunConfig, state: dict[str, Any],
                  optimizer: torch.optim.Optimizer | None, extra: dict[str, Any] | None = None) -> None:
     """Write every file of a checkpoint into ``tmp`` (fresh), fsynced, the manifest last; ``extra`` adds
-    keys to config.json (e.g. an imported release's ``source``)."""
+    keys to config.json (e.g. an imported release's ``source``; the training loop's ``provenance``, which adds
+    the validation set to the code version recorded by default)."""
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(weights, str(tmp / WEIGHTS), metadata={"format": str(FORMAT), "model": cfg.model.name})
-    meta = {**(extra or {}), "format": FORMAT, "model": to_dict(cfg.model), "run": cfg.to_dict()}
+    meta = {"provenance": code_version(), **(extra or {}), "format": FORMAT, "model": to_dict(cfg.model),
+            "run": cfg.to_dict()}
     (tmp / CONFIG).write_text(json.dumps(meta, indent=1))
     (tmp / STATE).write_text(json.dumps(state, indent=1))
     if optimizer is not None:

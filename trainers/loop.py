@@ -27,10 +27,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Generator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import nn
@@ -47,7 +47,7 @@ from sparsefold.datasets import (
 from sparsefold.datasets.patches import stable_seed
 from sparsefold.errors import RunError
 from sparsefold.models import build_model, count_parameters
-from sparsefold.models.contract import CodeSparsity, Deepening, Projected
+from sparsefold.models.contract import Checkpointed, CodeSparsity, Deepening, Projected
 from sparsefold.runtime import Runtime, runtime_for
 from sparsefold.trainers.checkpoint import (
     check_resume_config,
@@ -57,6 +57,7 @@ from sparsefold.trainers.checkpoint import (
 )
 from sparsefold.trainers.evaluate import evaluate_images
 from sparsefold.trainers.losses import Objective
+from sparsefold.trainers.provenance import code_version, file_set
 from sparsefold.trainers.runlock import run_lock
 from sparsefold.trainers.storage import (
     announce_resume,
@@ -316,6 +317,7 @@ class Clock:
     cpu0: float = field(default_factory=_cpu_seconds)
     window_t: float = field(default_factory=time.perf_counter)  # throughput window: start, samples since
     window_n: int = 0
+    window_paused: float = 0.0  # seconds of the window spent outside training (validation, checkpoints)
 
     @classmethod
     def resumed(cls, state: TrainState) -> Clock:
@@ -330,11 +332,40 @@ class Clock:
         return time.perf_counter() - self.wall0
 
     def samples_per_s(self) -> float:
-        """Samples per second since the previous call; starts a new window."""
+        """Training samples per second since the previous call, the time inside :meth:`paused` excluded;
+        starts a new window."""
         now = time.perf_counter()
-        rate = self.window_n / (now - self.window_t)
-        self.window_t, self.window_n = now, 0
+        rate = self.window_n / max(now - self.window_t - self.window_paused, 1e-9)
+        self.window_t, self.window_n, self.window_paused = now, 0, 0.0
         return rate
+
+    @contextmanager
+    def paused(self) -> Generator[None, None, None]:
+        """Time spent in this block (validation, checkpoint, report) is not training time."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.window_paused += time.perf_counter() - t0
+
+
+@dataclass
+class LossWindow:
+    """``train/loss``: the mean loss over the steps of one logging window, summed on the device (no step waits
+    for a ``.item()``); a non-finite step is left out (it is counted in ``train/nonfinite_steps``)."""
+
+    total: torch.Tensor | None = None
+    n: int = 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        loss = loss.detach().float()
+        self.total, self.n = (loss if self.total is None else self.total + loss), self.n + 1
+
+    def mean(self) -> float:
+        """The window's mean (NaN when every step of it was non-finite); starts a new window."""
+        value = float(self.total) / self.n if self.total is not None and self.n else float("nan")
+        self.total, self.n = None, 0
+        return value
 
 
 @dataclass
@@ -354,6 +385,8 @@ class Run:
     streak: int = 0  # non-finite steps in a row
     tracker: NullTracker = field(default_factory=NullTracker)
     val: list[Path] = field(default_factory=list)  # validation images (rank 0)
+    provenance: dict[str, Any] = field(default_factory=dict)  # code version + validation set (rank 0)
+    loss: LossWindow = field(default_factory=LossWindow)
     bar: Any = None  # tqdm progress bar (rank 0, trainer.progress)
     clock: Clock = field(default_factory=Clock)
 
@@ -401,6 +434,8 @@ def start(cfg: RunConfig, dist: Dist) -> Run:
     torch.manual_seed(t.seed)
     fine_tune = resume is None and bool(t.init_from)
     model = build_model(cfg.model, init=resume is None and not fine_tune)  # else a checkpoint fills every weight
+    if t.activation_checkpointing:  # validated: an unfolded model (models/contract.py Checkpointed)
+        cast(Checkpointed, model).checkpoint_unfoldings = True
     if fine_tune:
         source = load_initial_weights(model, t.init_from)
         if dist.rank == 0:
@@ -424,14 +459,18 @@ def open_data(cfg: RunConfig, dist: Dist) -> tuple[PatchStream, int]:
 
 
 def open_outputs(run: Run) -> None:
-    """Rank 0: validation images, ``config.json``, the W&B run (every rank gets a tracker), progress bar."""
+    """Rank 0: validation images, ``config.json`` and ``provenance.json`` (code version, the validation images
+    resolved), the W&B run (every rank gets a tracker), progress bar."""
     cfg, t = run.cfg, run.cfg.trainer
     run.val = val_files(cfg.data)[: cfg.data.val_images] if run.main else []
-    run.tracker = make_tracker(cfg, run.dist.rank, run.run_dir, run.run_dir.name, run.resumed_from is not None)
+    run.provenance = {**code_version(), "val_set": file_set(run.val, cfg.data.val)} if run.main else {}
+    run.tracker = make_tracker(cfg, run.dist.rank, run.run_dir, run.run_dir.name, run.resumed_from is not None,
+                               run.provenance)
     if not run.main:
         return
     run.run_dir.mkdir(parents=True, exist_ok=True)
     (run.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    (run.run_dir / "provenance.json").write_text(json.dumps(run.provenance, indent=1))
     run.tracker.log({"model/params": count_parameters(run.model)}, step=run.state.step)
     if t.progress:
         from tqdm.auto import tqdm
@@ -465,11 +504,12 @@ def rollback(run: Run) -> None:
         run.bar.refresh()
 
 
-def log_step(run: Run, loss: float, lr: float, grad_norm: float, epoch: int, depth: int | None,
-             unreadable: int) -> None:
-    """The ``train/*`` metrics of this step (rank 0, every ``trainer.log_every`` steps and the last)."""
+def log_step(run: Run, lr: float, grad_norm: float, epoch: int, depth: int | None, unreadable: int) -> None:
+    """The ``train/*`` metrics of this step (rank 0, every ``trainer.log_every`` steps and the last):
+    ``train/loss`` and ``train/samples_per_s`` over the window since the previous log (:class:`LossWindow`,
+    :meth:`Clock.samples_per_s`), the others as they stand now."""
     s = run.state
-    run.tracker.log({"train/loss": loss, "train/lr": lr, "train/samples_per_s": run.clock.samples_per_s(),
+    run.tracker.log({"train/loss": run.loss.mean(), "train/lr": lr, "train/samples_per_s": run.clock.samples_per_s(),
                      "train/grad_norm": grad_norm, "data/skipped": s.skipped + unreadable,
                      "train/nonfinite_steps": s.nonfinite_steps, "train/rollbacks": s.rollbacks,
                      "train/lr_scale": s.lr_scale, "epoch": epoch, **({"model/depth": depth} if depth else {})},
@@ -477,8 +517,8 @@ def log_step(run: Run, loss: float, lr: float, grad_norm: float, epoch: int, dep
 
 
 def validate(run: Run) -> dict[str, float]:
-    """Rank 0: score the validation images; log PSNR/SSIM, code sparsity, unfolding parameters and image
-    panels; print one line. Returns the ``val/*`` metrics."""
+    """Rank 0: score the validation images; log PSNR/SSIM, a per-image PSNR table, code sparsity, unfolding
+    parameters and image panels; print one line. Returns the ``val/*`` metrics."""
     model, cfg, step = run.model, run.cfg, run.state.step
     res = evaluate_images(model, run.val, cfg.noise, cfg.data.gray, run.rt.device, with_ssim=True, keep_first=True)
     metrics = {"val/psnr": res["psnr"], "val/ssim": res["ssim"], "val/input_psnr": res["input_psnr"]}
@@ -486,6 +526,8 @@ def validate(run: Run) -> dict[str, float]:
         sp = model.code_sparsity(res["first"][0].unsqueeze(0).to(run.rt.device))
         metrics.update({f"codes/nonzero_t{i}": v for i, v in enumerate(sp)})
     run.tracker.log({**metrics, **unfolding_metrics(model)}, step=step)
+    run.tracker.log_table("val/per_image", ["file", "psnr"], [[r["file"], r["psnr"]] for r in res["per_image"]],
+                          step=step)
     run.say(f"step {step}: val psnr {res['psnr']:.3f} dB, ssim {res['ssim']:.4f} "
             f"({len(run.val)} images, {run.clock.wall():.0f} s)")
     run.tracker.log_images(model_panels(model, res["first"]), step=step)
@@ -498,7 +540,8 @@ def checkpoint(run: Run, batch: tuple[torch.Tensor, ...], validate_first: bool =
     not and keep the old target.
 
     Plain path: rank 0 writes ``<run>/step_<n>`` and prunes old ones. Ray: every rank reports
-    (a barrier), rank 0 with the checkpoint attached; Ray Train copies it into its storage."""
+    (a barrier), rank 0 with the checkpoint attached; Ray Train copies it into its storage. Either way the
+    tracker logs the checkpoint as a W&B artifact (a no-op but on rank 0)."""
     cfg, dist, state = run.cfg, run.dist, run.state
     state.seconds, state.cpu_seconds = run.clock.wall(), run.clock.cpu()
     if validate_first and run.main and run.val:
@@ -506,16 +549,19 @@ def checkpoint(run: Run, batch: tuple[torch.Tensor, ...], validate_first: bool =
     why = unhealthy(cfg, run.model, run.rt, batch, run.streak, dist.world_size)
     if why:
         run.say(f"step {state.step}: not checkpointed ({why}); the rollback target stays step {run.good.state.step}")
+    extra = {"provenance": run.provenance}
     if dist.report is not None:
         with tempfile.TemporaryDirectory() as tmp:
             path = None
             if run.main and not why:
-                path = save_checkpoint(Path(tmp) / "ckpt", run.model, cfg, state.to_dict(), run.opt)
+                path = save_checkpoint(Path(tmp) / "ckpt", run.model, cfg, state.to_dict(), run.opt, extra)
+                run.tracker.log_checkpoint(path, state.step, state.metrics, validate_first)
             dist.report({"step": state.step, **state.metrics, "val_psnr": state.metrics.get("val/psnr", float("nan"))},
                         path)
     elif run.main and not why:
         run.last_ckpt = save_checkpoint(run.run_dir / step_dir_name(state.step), run.model, cfg, state.to_dict(),
-                                        run.opt)
+                                        run.opt, extra)
+        run.tracker.log_checkpoint(run.last_ckpt, state.step, state.metrics, validate_first)
         prune_checkpoints(run.run_dir, cfg.trainer.keep_checkpoints)
     if not why:
         run.good = snapshot(run.model, run.opt, state)  # every rank: the target is what was just checkpointed
@@ -565,6 +611,8 @@ def train(cfg: RunConfig, dist: Dist | None = None) -> dict[str, Any]:
             n = len(batch[0]) * dist.world_size
             run.state.advance(epoch, index, n, int(b.get("skipped", 0)), res.finite)
             run.clock.window_n += n
+            if res.finite:
+                run.loss.add(res.loss)
             run.streak = 0 if res.finite else run.streak + 1
             if t.rollback_after and run.streak >= t.rollback_after:  # K bad steps in a row: the last checkpoint
                 rollback(run)
@@ -576,8 +624,9 @@ def train(cfg: RunConfig, dist: Dist | None = None) -> dict[str, Any]:
                 run.bar.update(1)
                 run.bar.set_postfix(loss=f"{res.loss.item():.2e}", lr=f"{lr:.1e}")
             if run.main and (step % t.log_every == 0 or last):
-                log_step(run, res.loss.item(), lr, grad_norm, epoch, depth, unreadable)
+                log_step(run, lr, grad_norm, epoch, depth, unreadable)
             do_val = step % t.val_every == 0 or last
             if do_val or step % t.ckpt_every == 0:
-                checkpoint(run, batch, validate_first=do_val)
+                with run.clock.paused():  # not training time (train/samples_per_s)
+                    checkpoint(run, batch, validate_first=do_val)
         return finish(run, unreadable)

@@ -1,7 +1,8 @@
 """Where a run's files live, in ONE place: the run's identity (its name), its directory, the on-disk layout
 of a checkpoint, the one scanner for "the newest valid checkpoint", and the storage Ray Train writes to.
 No torch here (``sparsefold models`` lists the bundled models through this module without it); pyarrow
-only inside the functions that reach a filesystem other than the local one.
+only inside the functions that reach a filesystem other than the local one, wandb only inside the one that
+fetches a ``wandb:`` checkpoint.
 
 Layout of a run (the plain loop and Ray Train alike)::
 
@@ -10,6 +11,7 @@ Layout of a run (the plain loop and Ray Train alike)::
                                    uploaded when the run ends)
         .lock                      host and pid of the one process writing the run (trainers/runlock.py)
         config.json                the run's config
+        provenance.json            code version, git commit, the validation images used (trainers/provenance.py)
         wandb/                     W&B offline files
         step_<N:07d>/              the checkpoint of step N (files below)
         step_<N:07d>.tmp-<pid>/    a checkpoint being written by process <pid>; nothing loads it
@@ -20,7 +22,8 @@ they are still found (read, never written; see :func:`checkpoint_parents`).
 Layout of one checkpoint directory::
 
     model.safetensors     model weights (safetensors; tensors only)
-    config.json           {"model": {...}, "run": {...full RunConfig...}, "format": 1}
+    config.json           {"model": {...}, "run": {...full RunConfig...}, "format": 1,
+                           "provenance": {version, git commit, validation images}: trainers/provenance.py}
     state.json            {"step", "epoch", "batch_in_epoch", "lr_scale", ...}: trainers/loop.py:TrainState
     optimizer.pt          optimizer state_dict, loaded with weights_only=True (trainers/checkpoint.py)
     manifest.json         {"format": 1, "files": {name: {"sha256", "bytes"}}}, written last
@@ -53,6 +56,8 @@ from pathlib import Path
 from typing import Any
 
 from sparsefold.config import RunConfig, is_url, spec_options, split_spec, to_dict
+from sparsefold.errors import InputError
+from sparsefold.trainers.wandb_auth import api_key_available
 
 FORMAT = 1
 WEIGHTS, CONFIG, STATE, OPTIM = "model.safetensors", "config.json", "state.json", "optimizer.pt"
@@ -77,12 +82,16 @@ def _say(msg: str) -> None:
 # Run identity and the run directory
 
 
+def cache_root() -> Path:
+    """``$SPARSEFOLD_CACHE`` or ``~/.cache/sparsefold``."""
+    env = os.environ.get("SPARSEFOLD_CACHE", "")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "sparsefold"
+
+
 def staging_root() -> Path:
     """Node-local directory for the files of runs whose output_dir is a URL (config.json, W&B offline
-    files), uploaded to ``<output_dir>/<run>/`` when the run ends: ``$SPARSEFOLD_CACHE/runs`` or
-    ``~/.cache/sparsefold/runs``."""
-    env = os.environ.get("SPARSEFOLD_CACHE", "")
-    return (Path(env).expanduser() if env else Path.home() / ".cache" / "sparsefold") / "runs"
+    files), uploaded to ``<output_dir>/<run>/`` when the run ends: ``<cache_root>/runs``."""
+    return cache_root() / "runs"
 
 
 def absolute_paths(spec: str) -> str:
@@ -426,10 +435,40 @@ def bundled_models() -> list[Path]:
     return sorted(d for d in BUNDLED_DIR.iterdir() if is_complete(d)) if BUNDLED_DIR.is_dir() else []
 
 
+# a checkpoint logged to W&B as an artifact (trainers/tracking.py): wandb:ENTITY/PROJECT/NAME[:ALIAS]
+WANDB_REF = re.compile(r"wandb:([\w.-]+)/([\w.-]+)/([\w.-]+)(?::([\w.-]+))?")
+
+
+def fetch_wandb_checkpoint(ref: str) -> Path:
+    """The checkpoint a ``wandb:ENTITY/PROJECT/NAME:ALIAS`` reference names (alias default ``latest``),
+    downloaded through the W&B public API into ``<cache_root>/wandb/ENTITY/PROJECT/NAME/<version>`` (a version
+    already there is checked and completed by W&B, not downloaded again). Needs network and an API key: a
+    one-line InputError otherwise, or when the artifact does not exist."""
+    m = WANDB_REF.fullmatch(ref)
+    if m is None:
+        raise InputError(f"{ref}: not a W&B checkpoint reference; use wandb:ENTITY/PROJECT/NAME:ALIAS "
+                         "(e.g. wandb:me/sparsefold/model-cscnet-1a2b3c4d:best)")
+    entity, project, name, alias = m.groups()
+    if not api_key_available():
+        raise InputError(f"{ref}: no W&B API key here (WANDB_API_KEY, or `wandb login`); a wandb: checkpoint "
+                         "can only be fetched online")
+    try:
+        import wandb
+
+        art = wandb.Api(timeout=30).artifact(f"{entity}/{project}/{name}:{alias or 'latest'}", type="model")
+        dest = cache_root() / "wandb" / entity / project / name / str(art.version)
+        art.download(root=str(dest))
+    except Exception as e:  # noqa: BLE001  (wandb's errors: no network, not found, no access, ...)
+        why = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise InputError(f"{ref}: cannot fetch the W&B artifact ({why})") from None
+    return dest
+
+
 def resolve_checkpoint(ref: str | Path) -> Path:
-    """A checkpoint directory from a path (directory or its model.safetensors) or a bundled model name.
-    A run directory gives its latest valid checkpoint (:func:`latest_checkpoint`, both layouts)."""
-    p = Path(ref)
+    """THE resolver: a checkpoint directory from a path (directory or its model.safetensors), a bundled
+    model name, or a W&B artifact ``wandb:ENTITY/PROJECT/NAME:ALIAS`` (:func:`fetch_wandb_checkpoint`). A run
+    directory gives its latest valid checkpoint (:func:`latest_checkpoint`, both layouts)."""
+    p = fetch_wandb_checkpoint(str(ref)) if str(ref).startswith("wandb:") else Path(ref)
     if p.is_file() and p.name == WEIGHTS:
         p = p.parent
     if p.is_dir():
