@@ -93,7 +93,7 @@ def official_dncnn(src: Path) -> torch.nn.Module:
 def official_lidia(src: Path, rgb: bool, bn: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """grishavak/LIDIA-denoiser NonLocalDenoiser (code/modules.py; torchvision, used only by its training
     helpers, stubbed when absent) with the release loaded, called as denoise_set_*.py call it, on [0, 1]."""
-    if importlib.util.find_spec("torchvision") is None:
+    if "torchvision" not in sys.modules and importlib.util.find_spec("torchvision") is None:  # stubbed once
         sys.modules["torchvision"] = tv = types.ModuleType("torchvision")
         sys.modules["torchvision.transforms"] = tv.transforms = types.ModuleType("torchvision.transforms")  # type: ignore[attr-defined]
     sys.path.insert(0, str(LIDIA / "code"))
