@@ -25,7 +25,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,13 +84,15 @@ def write_shards(
     shard_size: int = 100,
     gray: bool = True,
     prefix: str = "train",
+    progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
 ) -> str:
     """Write images into ``out_dir/<prefix>-%06d.tar`` shards of ``shard_size`` samples.
 
     ``image_dir_or_files`` is an image folder (all its images, sorted) or a list of image files (kept
     in the given order).  Stale ``<prefix>-NNNNNN.tar`` files in ``out_dir`` are removed first.
     Unreadable images are skipped (one stderr line each, listed under ``skipped`` in index.json); when
-    none is readable, InputError.  Returns the absolute brace pattern of the written shards.
+    none is readable, InputError.  Returns the absolute brace pattern of the written shards.  ``progress``
+    wraps the per-image loop (the CLI's progress bar).
     """
     import webdataset as wds
 
@@ -112,7 +114,7 @@ def write_shards(
     skipped: list[dict[str, str]] = []
     pattern = str(out).replace("%", "%%") + f"/{prefix}-%06d.tar"
     with wds.ShardWriter(pattern, maxcount=shard_size, maxsize=1e15, verbose=0) as sink:
-        for i, path in enumerate(files):
+        for i, path in enumerate((progress or iter)(files)):
             try:
                 png, meta = _png_record(path, gray)
             except InputError as e:

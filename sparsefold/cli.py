@@ -1,9 +1,10 @@
 """``sparsefold`` command line (also ``python -m sparsefold``).
 
-    sparsefold shards IMAGE_DIR OUT_DIR [--shard-size N] [--rgb]
-    sparsefold train [CONFIG.yaml] [section.key=value ...]
-    sparsefold evaluate CHECKPOINT DATA_DIR [--sigma 25] [--images N]
-    sparsefold denoise [CHECKPOINT] INPUT OUTPUT
+    sparsefold --version
+    sparsefold shards IMAGE_DIR OUT_DIR [--shard-size N] [--rgb] [--quiet]
+    sparsefold train [CONFIG.yaml] [section.key=value ...] [--print-config]
+    sparsefold evaluate CHECKPOINT DATA_DIR [--sigma 25] [--images N] [--quiet]
+    sparsefold denoise [CHECKPOINT] INPUT OUTPUT [--quiet]
     sparsefold models [--json]
     sparsefold export CHECKPOINT OUT.onnx|OUT.pt
     sparsefold import FAMILY SRC OUT [--sigma S] [--overwrite]    # an official release -> a checkpoint
@@ -16,6 +17,8 @@ is one JSON object. CHECKPOINT is a checkpoint directory, a run directory (its l
 the name of a bundled model (``sparsefold models``) or a W&B model artifact
 (``wandb:ENTITY/PROJECT/NAME:ALIAS``). Every failure is one stderr line; exit code 2 on
 bad input, 1 on a failed run (policy: :func:`main`); ``sparsefold --debug ...`` adds the traceback.
+Long commands (evaluate, denoise of a folder, shards) show a progress bar on stderr when it is a terminal,
+never with ``--quiet``. ``sparsefold --help`` shows plain text (DESCRIPTION, EPILOG below), not this docstring.
 """
 
 from __future__ import annotations
@@ -26,14 +29,20 @@ import math
 import os
 import sys
 import traceback
+from collections.abc import Callable, Iterable
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from sparsefold import __version__
 from sparsefold.config import EVAL_CONVENTIONS, ConfigError, NoiseConfig, dataclass_from_dict, load_run_config
 from sparsefold.errors import InputError, SparsefoldError
 from sparsefold.launch import add_parser as add_launch
 from sparsefold.launch import mask_secrets
 from sparsefold.models import MODELS
+from sparsefold.trainers.provenance import git_commit
 from sparsefold.trainers.storage import bundled_models, read_config
 
 DEFAULT_MODEL = "cscnet"  # the bundled sigma=25 CSCNet (sparsefold/bundled/cscnet)
@@ -76,6 +85,45 @@ MAX_MEMORY_HELP = ("memory for one forward pass, e.g. 512M or 2G (default: half 
                    "the free GPU memory); larger images are denoised in overlapping tiles, with the same result")
 
 
+def version_text() -> str:
+    """``sparsefold --version``: the installed distribution's version and, in a git checkout of the project,
+    the commit (trainers/provenance.py: three quick ``git`` calls, no torch)."""
+    try:
+        version = metadata.version("sparsefold")
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        version = __version__
+    commit, dirty = git_commit()
+    if commit == "unknown":
+        return f"sparsefold {version}"
+    return f"sparsefold {version} (git {commit[:12]}{', with uncommitted changes' if dirty else ''})"
+
+
+class VersionAction(argparse.Action):
+    """``--version``: like argparse's own, but the text (a git call) is made only when asked for."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option_string: Any = None) -> None:
+        print(version_text(), flush=True)
+        parser.exit()
+
+
+def _stderr_is_terminal() -> bool:
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
+def progress_bar(a: argparse.Namespace, total: int, what: str) -> Callable[[Iterable[Any]], Iterable[Any]] | None:
+    """A tqdm bar on stderr over ``total`` images (what the library loops take as ``progress``), or None:
+    under ``--quiet`` or when stderr is not a terminal (a log file, a pipe, a script's capture)."""
+    if a.quiet or not _stderr_is_terminal():
+        return None
+    from tqdm import tqdm  # here, not at the top: ~0.1 s, and only a terminal run needs it
+
+    return lambda it: tqdm(it, total=total, desc=what, unit="image", file=sys.stderr, leave=False,
+                           dynamic_ncols=True)
+
+
 def _print_json(obj: dict) -> None:
     """One line of strict JSON on stdout: a non-finite number is ``null``."""
     print(json.dumps(json_safe(obj), allow_nan=False), flush=True)
@@ -87,15 +135,21 @@ def cmd_shards(a: argparse.Namespace) -> int:
     files = list_images(a.image_dir)
     if not files:
         raise SystemExit(f"error: {a.image_dir}: no images found")
-    pattern = write_shards(files, a.out_dir, shard_size=a.shard_size, gray=not a.rgb, prefix=a.prefix)
+    pattern = write_shards(files, a.out_dir, shard_size=a.shard_size, gray=not a.rgb, prefix=a.prefix,
+                           progress=progress_bar(a, len(files), "shards"))
     skipped = len(read_index(a.out_dir).get("skipped", []))  # each was said on stderr while writing
-    print(f"[sparsefold] wrote {len(files) - skipped} images into shards"
-          + (f", skipped {skipped} unreadable (listed in index.json)" if skipped else ""), file=sys.stderr)
+    if not a.quiet:
+        print(f"[sparsefold] wrote {len(files) - skipped} images into shards"
+              + (f", skipped {skipped} unreadable (listed in index.json)" if skipped else ""), file=sys.stderr)
     print(pattern)
     return 0
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    if a.print_config:  # validated (a bad value: ConfigError, exit 2); no data path is looked at, nothing runs
+        cfg = load_run_config(a.config, a.overrides)
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), end="", flush=True)
+        return 0
     cfg = load_run_config(a.config, a.overrides, local=True)  # before torch, Ray, W&B or any data is touched
     if cfg.ray.enabled:
         from sparsefold.trainers.ray_train import fit
@@ -143,7 +197,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     gray = meta["model"].get("channels", 1) == 1
     noise = noise_for(a, meta)
     res = evaluate_images(model, files, noise, gray=gray, seed=a.seed, blind=a.blind, max_memory=a.max_memory,
-                          convention=a.convention)
+                          convention=a.convention, progress=progress_bar(a, len(files), "evaluate"))
     out = {k: res[k] for k in ("psnr", "ssim", "images", "sec_per_image", "cpu_sec_per_image", "input_psnr")}
     out.update(params=count_parameters(model), model=meta["model"]["name"], checkpoint=meta["path"],
                noise=noise.kind, sigma=noise.sigma if noise.kind == "gaussian" else None,
@@ -175,8 +229,9 @@ def cmd_denoise(a: argparse.Namespace) -> int:
         from sparsefold.trainers.adapt import adapt_to_image
 
         adapt = lambda m, y: adapt_to_image(m, y, a.sigma, steps=a.adapt_steps, lr=a.adapt_lr)
+    bar = progress_bar(a, len(pairs), "denoise") if Path(src).is_dir() else None  # a folder: one step per file
     written, failed = denoise_path(model, pairs, gray=meta["model"].get("channels", 1) == 1,
-                                   sigma=a.sigma, adapt=adapt, max_memory=a.max_memory)
+                                   sigma=a.sigma, adapt=adapt, max_memory=a.max_memory, progress=bar)
     for p in written:
         print(p)
     if failed and Path(src).is_file():
@@ -276,51 +331,72 @@ def cmd_report(a: argparse.Namespace) -> int:
     return 0
 
 
+DESCRIPTION = "sparsefold: train, evaluate and run deep-unfolded sparse-coding denoisers (also: python -m sparsefold)."
+EPILOG = ("Scriptable: messages and progress bars go to stderr; the last stdout line of train and evaluate is one "
+          "JSON object. CHECKPOINT is a checkpoint directory, a run directory (its latest checkpoint), the name of "
+          "a bundled model (sparsefold models) or a W&B model artifact (wandb:ENTITY/PROJECT/NAME:ALIAS). Every "
+          "failure is one stderr line; exit code 2 on bad input, 1 on a failed run; --debug adds the traceback. "
+          "Options of a command: sparsefold COMMAND --help.")
+CHECKPOINT_HELP = ("checkpoint directory, run directory (its latest checkpoint), bundled model name (sparsefold "
+                   "models) or wandb:ENTITY/PROJECT/NAME:ALIAS")
+QUIET_HELP = "no progress bar (shown otherwise when stderr is a terminal)"
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sparsefold", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="sparsefold", description=DESCRIPTION, epilog=EPILOG)
+    p.add_argument("--version", action=VersionAction, help="print the version (and git commit) and exit")
     p.add_argument("--debug", action="store_true",
                    help="print the traceback of an error too (also: SPARSEFOLD_DEBUG=1)")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", help="one of:")
     s = sub.add_parser("shards", help="write WebDataset shards from an image folder")
-    s.add_argument("image_dir", type=Path)
-    s.add_argument("out_dir", type=Path)
-    s.add_argument("--shard-size", type=int, default=100)
-    s.add_argument("--prefix", default="train")
+    s.add_argument("image_dir", type=Path, help="folder of images (png/jpg/bmp/tif directly inside it)")
+    s.add_argument("out_dir", type=Path, help="folder for the PREFIX-NNNNNN.tar shards and index.json (created; "
+                   "old shards with the same prefix are removed)")
+    s.add_argument("--shard-size", type=int, default=100, help="images per shard (default: 100)")
+    s.add_argument("--prefix", default="train", help="shard file name prefix: letters, digits, _ or - (default: train)")
     s.add_argument("--rgb", action="store_true", help="keep colour (default: convert to gray)")
+    s.add_argument("--quiet", "-q", action="store_true", help=QUIET_HELP + " and no summary line")
     s.set_defaults(fn=cmd_shards)
     s = sub.add_parser("train", help="train a model (plain process or Ray Train DDP)")
     s.add_argument("config", nargs="?", help="YAML config (default: the packaged quickstart)")
     s.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    s.add_argument("--print-config", action="store_true",
+                   help="print the resolved, validated config as YAML and exit (trains nothing, reads no data)")
     s.set_defaults(fn=cmd_train)
     s = sub.add_parser("evaluate", help="PSNR/SSIM on an image folder by the shared convention")
-    s.add_argument("checkpoint")
-    s.add_argument("data_dir", type=Path)
+    s.add_argument("checkpoint", help=CHECKPOINT_HELP)
+    s.add_argument("data_dir", type=Path, help="folder of clean images; seeded noise is added to each")
     s.add_argument("--noise", choices=("gaussian", "poisson", "binomial"), help="default: the checkpoint's")
     s.add_argument("--sigma", type=float, help="Gaussian σ in 0..255 (default: the checkpoint's training σ)")
     s.add_argument("--peak", type=float, help="Poisson peak (default: the checkpoint's)")
     s.add_argument("--trials", type=int, help="Binomial trials (default: the checkpoint's)")
     s.add_argument("--blind", action="store_true", help="do not tell the model σ (noise-adaptive models estimate it)")
     s.add_argument("--images", type=int, default=0, help="first N >= 0 sorted images (0: all)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--per-image", action="store_true")
+    s.add_argument("--seed", type=int, default=0, help="seed of the added noise (default: 0)")
+    s.add_argument("--per-image", action="store_true", help="also print each image's PSNR on stderr")
     s.add_argument("--convention", choices=EVAL_CONVENTIONS, default="shared",
                    help="shared: the benchmark convention (output clipped to [0, 1]); dcea: the DCEA code's Poisson "
                         "convention (each image divided by its maximum, output not clipped)")
     s.add_argument("--max-memory", type=memory_size, help=MAX_MEMORY_HELP)
+    s.add_argument("--quiet", "-q", action="store_true", help=QUIET_HELP)
     s.set_defaults(fn=cmd_evaluate)
     s = sub.add_parser("denoise", help="denoise an image or a folder (default model: the bundled cscnet)",
+                       usage="%(prog)s [-h] [options] [CHECKPOINT] INPUT OUTPUT",
                        description="Never writes over an input; refuses an existing output unless --overwrite and "
                        "two inputs with one output name (x.png, x.jpg, X.PNG -> x.png: rename one); writes each "
                        "output atomically as 8-bit (PNG unless OUTPUT names another format). Transparency is "
                        "composited on white; 16-bit images are scaled by 65535. Unreadable images of a folder are "
                        "listed at the end (exit 2), the others written.")
-    s.add_argument("paths", nargs="+", metavar="[CHECKPOINT] INPUT OUTPUT")
+    s.add_argument("paths", nargs="+", metavar="[CHECKPOINT] INPUT OUTPUT",
+                   help="CHECKPOINT (default: the bundled cscnet; see evaluate --help), then an image and the output "
+                        "file, or a folder and the output folder")
     s.add_argument("--overwrite", action="store_true", help="replace existing output files (never an input)")
     s.add_argument("--sigma", type=float, help="known noise σ (0..255); default: estimated from each image")
     s.add_argument("--adapt-steps", type=int, default=0,
                    help="test-time adaptation: fine-tune on each noisy image for N steps first (LIDIA)")
-    s.add_argument("--adapt-lr", type=float, default=1e-4)
+    s.add_argument("--adapt-lr", type=float, default=1e-4, help="learning rate of --adapt-steps (default: 1e-4)")
     s.add_argument("--max-memory", type=memory_size, help=MAX_MEMORY_HELP)
+    s.add_argument("--quiet", "-q", action="store_true", help=QUIET_HELP + " (a folder: one step per image)")
     s.set_defaults(fn=cmd_denoise)
     s = sub.add_parser("import", help="turn the authors' released weights into a sparsefold checkpoint",
                        description="FAMILY cscnet: a drorsimon/CSCNet sigma_*.model with its .config beside it; "
@@ -343,7 +419,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("out", type=Path, help="output file: .onnx (ONNX, opset 18) or .pt (TorchScript)")
     s.set_defaults(fn=cmd_export)
     s = sub.add_parser("models", help="list architectures and bundled models")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     s.set_defaults(fn=cmd_models)
     s = sub.add_parser("sweep", help="Ray Tune sweep of Ray Train runs (ASHA / Optuna / grid) from a YAML spec")
     s.add_argument("spec", help="spec YAML, or the name of a packaged one (sparsefold/sweeps/*.yaml)")
@@ -352,7 +428,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--retry-errored", action="store_true", help="on resume, also re-run errored trials")
     s.set_defaults(fn=cmd_sweep)
     s = sub.add_parser("report", help="table + Pareto plot (PSNR vs parameters / latency) of a sweep")
-    s.add_argument("sweep_dir", type=Path)
+    s.add_argument("sweep_dir", type=Path, help="the sweep's folder (the one sparsefold sweep prints)")
     s.add_argument("--test-dir", type=Path, help="test images (default: ../shared/data/bsd68 if present)")
     s.add_argument("--no-test", action="store_true", help="skip the test-set evaluation")
     s.add_argument("--images", type=int, default=0, help="first N sorted test images (0: all)")

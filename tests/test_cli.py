@@ -4,7 +4,9 @@ command), plus one subprocess smoke test of the installed ``sparsefold`` entry p
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sparsefold.cli import main
+from sparsefold.cli import main, parser
+from sparsefold.config import load_config, load_run_config
 from sparsefold.trainers.storage import BUNDLED_DIR, bundled_models
 
 
@@ -165,3 +168,76 @@ def untrained_psnr(name: str, photo_dir: Path) -> float:
     model = build_model(dataclass_from_dict(MODELS[meta["model"]["name"]].config, meta["model"], "model"))
     noise = dataclass_from_dict(NoiseConfig, meta["run"]["noise"], "noise")
     return evaluate_images(model, [photo_dir / "camera_crop.png"], noise, gray=True)["psnr"]
+
+
+# --- The CLI explains itself (issue 16, item 6): --version, --print-config, help on every argument, progress
+# bars on terminals only and never with --quiet.
+
+def test_version_is_fast_and_imports_no_torch(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out.strip()
+    assert re.fullmatch(r"sparsefold \d+\.\d+\S*( \(git [0-9a-f]{12}(, with uncommitted changes)?\))?", out), out
+    snippet = ("import sys\nfrom sparsefold.cli import main\ntry:\n    main(['--version'])\nexcept SystemExit as e:\n"
+               "    print(e.code, 'torch' in sys.modules)")
+    fresh = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120)
+    assert fresh.stdout.split()[-2:] == ["0", "False"], fresh.stdout + fresh.stderr  # exit 0, no torch
+
+
+def _parsers() -> dict[str, argparse.ArgumentParser]:
+    """The top-level parser ("") and each subcommand's, by name."""
+    top = parser()
+    subs = [a for a in top._actions if isinstance(a, argparse._SubParsersAction)]
+    assert len(subs) == 1
+    return {"": top, **subs[0].choices}
+
+
+def test_every_argument_of_every_command_has_help():
+    parsers = _parsers()
+    assert {"shards", "train", "evaluate", "denoise", "models", "report"} <= set(parsers)
+    bare = [f"{name or 'sparsefold'} {a.option_strings or a.dest}" for name, p in parsers.items()
+            for a in p._actions if not (a.help or "").strip() or a.help == argparse.SUPPRESS]
+    assert not bare, f"arguments without help: {bare}"
+
+
+def test_no_raw_rst_in_any_help_text():
+    for name, p in _parsers().items():
+        text = p.format_help()
+        assert "``" not in text and not re.search(r":[a-z]+:`", text), f"raw RST in `sparsefold {name} --help`"
+
+
+def test_print_config_prints_the_validated_config_and_runs_nothing(tmp_path, run):
+    overrides = ["trainer.max_steps=7", "noise.sigma=15", "data.train=/nonexistent/shards-{0..9}.tar",
+                 f"trainer.output_dir={tmp_path / 'runs'}"]
+    p = run("train", "--print-config", *overrides, cwd=tmp_path)  # a missing data.train: no data is looked at
+    assert p.stderr == ""
+    assert list(tmp_path.iterdir()) == [], "print-config created something"
+    (tmp_path / "printed.yaml").write_text(p.stdout)
+    assert load_config(tmp_path / "printed.yaml") == load_run_config(None, overrides)
+    assert load_config(tmp_path / "printed.yaml").trainer.max_steps == 7
+    bad = run("train", "--print-config", "trainer.no_such_key=1", cwd=tmp_path, check=False)
+    assert bad.returncode == 2 and bad.stdout == "" and len(bad.stderr.strip().splitlines()) == 1
+    assert "no_such_key" in bad.stderr
+
+
+def test_progress_bars_on_a_terminal_only_and_never_with_quiet(tmp_path, run, monkeypatch):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (24, 28), dtype=np.uint8)).save(imgs / f"b{i}.png")
+    commands = {"shards": ["shards", str(imgs), str(tmp_path / "sh")],
+                "evaluate": ["evaluate", "cscnet", str(imgs), "--sigma", "25"],
+                "denoise": ["denoise", str(imgs), str(tmp_path / "den"), "--overwrite"]}
+    plain = {k: run(*args, cwd=tmp_path) for k, args in commands.items()}  # stderr captured: not a terminal
+    assert not any("%|" in p.stderr for p in plain.values())
+    monkeypatch.setattr("sparsefold.cli._stderr_is_terminal", lambda: True)
+    for name, args in commands.items():
+        shown = run(*args, cwd=tmp_path)
+        assert f"{name}:" in shown.stderr and "%|" in shown.stderr and "/3 " in shown.stderr, (name, shown.stderr)
+        quiet = run(*args, "--quiet", cwd=tmp_path)
+        assert "%|" not in quiet.stderr, (name, quiet.stderr)
+        outs = [last_json(r.stdout) if name == "evaluate" else r.stdout for r in (plain[name], shown, quiet)]
+        if name == "evaluate":  # the JSON last line is unchanged but for the timings
+            outs = [{k: v for k, v in o.items() if "sec" not in k} for o in outs]
+        assert outs[0] == outs[1] == outs[2], name

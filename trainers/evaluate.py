@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -79,10 +80,12 @@ def evaluate_images(
     blind: bool = False,
     max_memory: int | None = None,
     convention: str = "shared",
+    progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
 ) -> dict:
     """Score ``model`` on ``files`` (in the given order). Returns psnr, ssim, images, sec_per_image,
     per-image lists and, with ``keep_first``, the first (noisy, denoised, clean) triple. The model is told
-    the noise level unless ``blind``. ``convention``: ``shared`` or ``dcea`` (module docstring)."""
+    the noise level unless ``blind``. ``convention``: ``shared`` or ``dcea`` (module docstring).
+    ``progress`` wraps the per-image loop (the CLI's progress bar)."""
     if convention not in EVAL_CONVENTIONS:
         raise InputError(f"--convention: one of {', '.join(EVAL_CONVENTIONS)}, got {convention!r}")
     was_training = model.training
@@ -92,7 +95,7 @@ def evaluate_images(
         clean = [x / x.max().clamp_min(1e-12) for x in clean]
     noisy = noisy_versions(clean, noise, seed=seed)
     psnrs, ssims, secs, cpu, first = [], [], [], [], None
-    for i, (x, y) in enumerate(zip(clean, noisy)):
+    for i, (x, y) in enumerate((progress or iter)(zip(clean, noisy))):
         t0, c0 = time.perf_counter(), time.process_time()
         out = denoise(model, y, device, None if blind else noise.eval_sigma, max_memory, convention == "shared")
         secs.append(time.perf_counter() - t0)
@@ -120,20 +123,22 @@ def evaluate_images(
 
 def denoise_path(model: nn.Module, pairs: list[tuple[Path, Path]], gray: bool = True, device: str = "cpu",
                  sigma: float | None = None, adapt: Callable[[nn.Module, Tensor], nn.Module] | None = None,
-                 max_memory: int | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
+                 max_memory: int | None = None, progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
+                 ) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Denoise each (input, output) pair of ``datasets.images.plan_outputs`` (which refuses overwriting an
     input, an existing file without --overwrite, and name clashes). Returns (written, failed): an
     unreadable input (corrupt, truncated, empty, a decompression bomb, an unsupported mode) or a non-finite
     result is listed in ``failed`` with a one-line reason and the job goes on; the caller reports them.
     Output folders are created and checked writable before the first image. Each output is written
     atomically (``save_image``). ``sigma``: the known noise level (None: blind). ``adapt(model, noisy) ->
-    model``: test-time adaptation per image. ``max_memory``: bytes per forward pass (see :func:`denoise`)."""
+    model``: test-time adaptation per image. ``max_memory``: bytes per forward pass (see :func:`denoise`).
+    ``progress`` wraps the per-image loop (the CLI's progress bar)."""
     for folder in {target.parent for _, target in pairs}:
         _check_writable(folder)
     model.eval()
     written: list[Path] = []
     failed: list[tuple[Path, str]] = []
-    for f, target in pairs:
+    for f, target in (progress or iter)(pairs):
         try:
             y = load_image(f, gray=gray)
         except InputError as e:
