@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="benchmarks/results/cscnet_vs_dncnn.json", help="JSON result file")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--no-mallopt", action="store_true", help="do NOT apply sparsefold.runtime.configure_cpu_allocator")
+    p.add_argument("--no-fused", action="store_true", help="eager soft threshold (no torch.compile kernels)")
+    p.add_argument("--label", default="", help="what code this run measures (e.g. 'before: HEAD cbf0340')")
     p.add_argument("--train-batch", type=int, default=4)
     p.add_argument("--patch", type=int, default=128)
     p.add_argument("--train-steps", type=int, default=5, help="timed Adam steps (after 1 warm-up)")
@@ -228,6 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     mallopt = configure_cpu_allocator()
     why = "--no-mallopt" if args.no_mallopt else ("" if mallopt else "not Linux/glibc, or mallopt refused")
     print(f"configure_cpu_allocator(): {'applied' if mallopt else 'NOT applied'}" + (f" ({why})" if why else ""))
+    import sparsefold.runtime as runtime
+
+    fuse = getattr(runtime, "configure_process", None)  # absent before the fused soft threshold (issue 17)
+    if fuse is not None and not args.no_fused:
+        fuse()  # what evaluate/denoise and training (runtime.fused) run with
+    fused = fuse is not None and not args.no_fused
 
     import torch
 
@@ -289,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     result = dict(
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         torch=torch.__version__, python=platform.python_version(), cpu=cpu_name(), cpus=os.cpu_count(),
-        threads=torch.get_num_threads(), mallopt_applied=mallopt, no_mallopt_flag=args.no_mallopt,
+        threads=torch.get_num_threads(), mallopt_applied=mallopt, no_mallopt_flag=args.no_mallopt, fused=fused,
+        label=args.label, code=runtime.__file__,
         loadavg_start=list(load_start), loadavg_end=list(load_end), peak_rss_mb=peak_rss_mb(),
         args=vars(args), images=[f.name for f in files], weights=weights,
         configs={"cscnet": dataclasses.asdict(csc_cfg), "dncnn": dataclasses.asdict(dn_cfg)},

@@ -11,8 +11,15 @@ max_chunk=40000)`` on the [−1, 1] scale, never put in eval mode, so its BatchN
 chunk's statistics (``--official-bn running``: eval mode, the running statistics sparsefold uses).
 
     python benchmarks/eval_official.py [--data set12|bsd68|cbsd68] [--images N] [--threads T] [--only NAMES]
+                                       [--per-image]
 
-Writes benchmarks/results/official.json (merged per data set). Not part of the package.
+Writes benchmarks/results/official.json (merged per data set). ``--per-image`` (for the hour-long LIDIA runs)
+scores image by image, both sides, and keeps each image's two PSNRs in
+benchmarks/results/official_per_image/DATA_NAME.json as soon as they are measured; a stopped run started
+again with the same arguments goes on from the first image not yet scored, and the row in official.json is
+written when every image is in. Its "sparsefold" side calls the same two functions per image as
+``evaluate_images`` (``trainers.evaluate.denoise`` then ``psnr``) on the same noisy images (``noisy_versions``
+over the whole sorted list, so image i's noise is the convention's). Not part of the package.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import torch
 from sparsefold.config import NoiseConfig
 from sparsefold.datasets import gaussian_eval_noise, list_images, load_image
 from sparsefold.trainers.checkpoint import load_model
-from sparsefold.trainers.evaluate import evaluate_images, psnr
+from sparsefold.trainers.evaluate import denoise, evaluate_images, noisy_versions, psnr
 from sparsefold.trainers.importers import import_release
 from sparsefold.trainers.torchfile import module_tensors, read_torch_file
 
@@ -41,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL = ROOT.parent / "shared" / "official"
 DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results" / "official.json"
+PER_IMAGE = RESULTS.parent / "official_per_image"
 DNCNN = OFFICIAL / "dncnn" / "TrainingCodes" / "dncnn_pytorch"
 LIDIA = OFFICIAL / "lidia"
 PAPER = {  # ../shared/notes/unfolding-models-reference.md (BSD68: papers; Set12: DnCNN README mirrors;
@@ -122,8 +130,7 @@ def run(name: str, family: str, src: Path, files: list[Path], tmp: Path, rgb: bo
     sigma = summary["sigma"]
     res = evaluate_images(ours, files, NoiseConfig(sigma=sigma), gray=not rgb, with_ssim=False, max_memory=MAX_MEMORY)
     t1 = time.perf_counter()
-    official = {"cscnet": lambda: official_cscnet(src, meta["model"]), "dncnn": lambda: official_dncnn(src),
-                "lidia": lambda: official_lidia(src, rgb, bn)}[family]()
+    official = official_model(family, src, meta, rgb, bn)
     off = official_psnr(official, files, sigma, gray=not rgb)
     t2 = time.perf_counter()
     per = [abs(a["psnr"] - b) for a, b in zip(res["per_image"], off["per_image"])]
@@ -131,6 +138,47 @@ def run(name: str, family: str, src: Path, files: list[Path], tmp: Path, rgb: bo
             "official_psnr": round(off["psnr"], 4), "diff_db": round(res["psnr"] - off["psnr"], 5),
             "max_per_image_diff_db": round(max(per), 5), "images": len(files),
             "seconds_sparsefold": round(t1 - t0, 1), "seconds_official": round(t2 - t1, 1)}
+
+
+def official_model(family: str, src: Path, meta: dict, rgb: bool, bn: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    return {"cscnet": lambda: official_cscnet(src, meta["model"]), "dncnn": lambda: official_dncnn(src),
+            "lidia": lambda: official_lidia(src, rgb, bn)}[family]()
+
+
+@torch.inference_mode()
+def run_per_image(name: str, family: str, src: Path, files: list[Path], tmp: Path, cache: Path, rgb: bool = False,
+                  bn: str = "batch") -> dict | None:
+    """Both sides image by image, each image's pair saved to ``cache`` at once; the row when all are in."""
+    done = json.loads(cache.read_text()) if cache.is_file() else {"release": f"{family}/{src.name}", "images": {}}
+    summary = import_release(family, src, tmp / name)
+    ours, meta = load_model(summary["checkpoint"])
+    ours.eval()
+    sigma = float(summary["sigma"])
+    official = official_model(family, src, meta, rgb, bn)
+    clean = [load_image(f, gray=not rgb) for f in files]
+    noisy = noisy_versions(clean, NoiseConfig(sigma=sigma), seed=0)  # the whole list: image i's draws
+    for f, x, y in zip(files, clean, noisy):
+        if f.name in done["images"]:
+            continue
+        t0 = time.perf_counter()
+        a = psnr(denoise(ours, y, "cpu", sigma, MAX_MEMORY, True), x)
+        t1 = time.perf_counter()
+        b = psnr(official(y[None])[0].clamp(0, 1), x)
+        t2 = time.perf_counter()
+        done["images"][f.name] = {"sparsefold": a, "official": b, "seconds_sparsefold": round(t1 - t0, 1),
+                                  "seconds_official": round(t2 - t1, 1)}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(done, indent=1) + "\n")
+        print(f"{name} {f.name}: sparsefold {a:.4f} official {b:.4f} ({t1 - t0:.0f} s + {t2 - t1:.0f} s)", flush=True)
+    rows = [done["images"][f.name] for f in files]
+    n = len(rows)
+    ps, po = sum(r["sparsefold"] for r in rows) / n, sum(r["official"] for r in rows) / n
+    return {"release": done["release"], "sigma": sigma, "sparsefold_psnr": round(ps, 4),
+            "official_psnr": round(po, 4), "diff_db": round(ps - po, 5),
+            "max_per_image_diff_db": round(max(abs(r["sparsefold"] - r["official"]) for r in rows), 5),
+            "images": n, "seconds_sparsefold": round(sum(r["seconds_sparsefold"] for r in rows), 1),
+            "seconds_official": round(sum(r["seconds_official"] for r in rows), 1),
+            "per_image_file": str(cache.relative_to(ROOT))}
 
 
 def main() -> None:
@@ -141,6 +189,7 @@ def main() -> None:
     p.add_argument("--only", help="comma-separated release names (default: all for the data set), e.g. lidia_s25")
     p.add_argument("--official-bn", default="batch", choices=("batch", "running"),
                    help="LIDIA's official BatchNorm: per-chunk statistics as its scripts (batch) or eval mode")
+    p.add_argument("--per-image", action="store_true", help="save each image's scores as measured; resumable")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     files = list_images(DATA / a.data)[: a.images or None]
@@ -150,8 +199,13 @@ def main() -> None:
     command = " ".join(["python", "benchmarks/eval_official.py", *sys.argv[1:]])
     with tempfile.TemporaryDirectory() as tmp:  # the imported checkpoints hold the authors' weights: not kept
         for name, family, src, rgb in releases:
-            row = run(name, family, src, files, Path(tmp), rgb, a.official_bn) | {
-                "paper_psnr": PAPER.get((name, a.data)), "command": command}
+            if a.per_image:
+                cache = PER_IMAGE / (f"{key}_{name}" + ("" if a.official_bn == "batch" else "_bn_running"))
+                measured = run_per_image(name, family, src, files, Path(tmp), cache.with_suffix(".json"), rgb,
+                                         a.official_bn)
+            else:
+                measured = run(name, family, src, files, Path(tmp), rgb, a.official_bn)
+            row = measured | {"paper_psnr": PAPER.get((name, a.data)), "command": command}
             if family == "lidia":
                 row["official_bn"] = a.official_bn
             print(json.dumps({name: row}), flush=True)

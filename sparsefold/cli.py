@@ -45,7 +45,7 @@ from sparsefold.models import MODELS
 from sparsefold.trainers.provenance import git_commit
 from sparsefold.trainers.storage import bundled_models, read_config
 
-DEFAULT_MODEL = "cscnet"  # the bundled sigma=25 CSCNet (sparsefold/bundled/cscnet)
+DEFAULT_MODEL = "cdlnet-blind"  # the bundled blind CDLNet, σ 0..55 estimated per image (sparsefold/bundled/cdlnet-blind)
 
 
 def json_safe(obj: Any) -> Any:
@@ -279,6 +279,7 @@ def cmd_models(a: argparse.Namespace) -> int:
         noise = meta["run"]["noise"]
         bundled.append({"name": d.name, "model": meta["model"]["name"], "params": meta["params"],
                         "noise": noise["kind"], "sigma": noise["sigma"] if noise["kind"] == "gaussian" else None,
+                        "sigma_max": noise.get("sigma_max") if noise["kind"] == "gaussian" else None,
                         "peak": noise["peak"] if noise["kind"] == "poisson" else None, "path": str(d)})
     if a.json:
         _print_json({"architectures": archs, "bundled": bundled})
@@ -288,7 +289,8 @@ def cmd_models(a: argparse.Namespace) -> int:
         print(f"  {r['name']:<10} {r['params']:>9,} params  {r['summary']}")
     print("bundled models:")
     for r in bundled or [{"name": "(none)", "model": "", "params": 0, "sigma": ""}]:
-        level = f"sigma={r['sigma']}" if r.get("sigma") is not None else f"{r.get('noise')} peak={r.get('peak')}"
+        level = (f"{r.get('noise')} peak={r.get('peak')}" if r.get("sigma") is None else f"sigma={r['sigma']:g}"
+                 + (f"..{r['sigma_max']:g} (blind)" if r.get("sigma_max") is not None else ""))
         print(f"  {r['name']:<16} {r['model']:<10} {r['params']:>9,} params  {level}")
     return 0
 
@@ -380,7 +382,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-memory", type=memory_size, help=MAX_MEMORY_HELP)
     s.add_argument("--quiet", "-q", action="store_true", help=QUIET_HELP)
     s.set_defaults(fn=cmd_evaluate)
-    s = sub.add_parser("denoise", help="denoise an image or a folder (default model: the bundled cscnet)",
+    s = sub.add_parser("denoise", help="denoise an image or a folder (default model: the bundled blind cdlnet-blind)",
                        usage="%(prog)s [-h] [options] [CHECKPOINT] INPUT OUTPUT",
                        description="Never writes over an input; refuses an existing output unless --overwrite and "
                        "two inputs with one output name (x.png, x.jpg, X.PNG -> x.png: rename one); writes each "
@@ -388,10 +390,13 @@ def parser() -> argparse.ArgumentParser:
                        "composited on white; 16-bit images are scaled by 65535. Unreadable images of a folder are "
                        "listed at the end (exit 2), the others written.")
     s.add_argument("paths", nargs="+", metavar="[CHECKPOINT] INPUT OUTPUT",
-                   help="CHECKPOINT (default: the bundled cscnet; see evaluate --help), then an image and the output "
+                   help="CHECKPOINT (default: the bundled cdlnet-blind; see evaluate --help), then an image and the output "
                         "file, or a folder and the output folder")
     s.add_argument("--overwrite", action="store_true", help="replace existing output files (never an input)")
-    s.add_argument("--sigma", type=float, help="known noise σ (0..255); default: estimated from each image")
+    s.add_argument("--sigma", type=float, help="known Gaussian noise σ (0..255). Without it a noise-adaptive model "
+                   "(the default cdlnet-blind, trained for σ 0..55; cdlnet; LIDIA blind) estimates σ from each image, so "
+                   "a clean photo comes back nearly unchanged; a model trained for one σ (cscnet, dncnn, ...) denoises "
+                   "at that σ whatever the image holds")
     s.add_argument("--adapt-steps", type=int, default=0,
                    help="test-time adaptation: fine-tune on each noisy image for N steps first (LIDIA)")
     s.add_argument("--adapt-lr", type=float, default=1e-4, help="learning rate of --adapt-steps (default: 1e-4)")
@@ -490,9 +495,10 @@ def main(argv: list[str] | None = None) -> int:
     debug = a.debug or os.environ.get("SPARSEFOLD_DEBUG", "") not in ("", "0")
     try:
         if a.cmd in TENSOR_COMMANDS:  # runtime imports torch: train validates its config first
-            from sparsefold.runtime import configure_cpu_allocator
+            from sparsefold.runtime import configure_cpu_allocator, configure_process
 
-            configure_cpu_allocator()  # process-wide; before the first large tensor exists
+            # process-wide, before the first large tensor exists; evaluate/denoise: the fused soft threshold too
+            configure_process() if a.cmd in ("evaluate", "denoise") else configure_cpu_allocator()
         return a.fn(a)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

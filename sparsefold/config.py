@@ -253,6 +253,7 @@ class RuntimeConfig:
     precision: str = "auto"  # autocast dtype: auto | bf16 | fp16 | fp32
     compile: bool = False  # torch.compile the training module
     channels_last: bool = False  # channels-last weights (GPU convolutions)
+    fused: bool = True  # compiled (fused) soft-threshold kernels on large code maps (models/prox.py)
     threads: int = 0  # torch intra-op threads per process (0: torch's default)
 
     def __post_init__(self) -> None:

@@ -17,6 +17,8 @@ Configuration mapping (the ``runtime`` section → :class:`Runtime`), the contra
     precision=fp32              fp32 (no autocast)                  fp32
     compile=true                ``torch.compile`` of the (DDP-wrapped) training module
     channels_last=true          weights in channels-last layout (convolutions pick it up)
+    fused=true (default)        the soft threshold's forward and backward each one compiled pass over
+                                large code maps (``models/prox.py``; eager when compiling fails)
     DDP backend                 nccl                                gloo
     ==========================  ==================================  ==================================
 """
@@ -34,6 +36,7 @@ import torch
 from torch import nn
 
 from sparsefold.config import PRECISIONS, RuntimeConfig
+from sparsefold.models.prox import use_fused
 
 _ALLOCATOR_DONE = False
 
@@ -142,9 +145,17 @@ def runtime_for(config: RuntimeConfig, local_rank: int = 0) -> Runtime:
     """:func:`select_runtime` from the ``runtime`` section of a run config. Also applies
     :func:`configure_cpu_allocator` to this process: the training loop calls this first in every process
     that trains (plain, each Ray Train worker, each sweep trial), not only in the CLI's driver."""
-    configure_cpu_allocator()
+    configure_process(config.fused)
     return select_runtime(config.use_gpu, config.precision, local_rank, config.threads,
                           compile=config.compile, channels_last=config.channels_last)
+
+
+def configure_process(fused: bool = True) -> None:
+    """What a process that computes runs with (training through :func:`runtime_for`, and ``evaluate``,
+    ``denoise``): the allocator setting and the fused soft threshold (``models/prox.py``; compiled once per
+    process; ``SPARSEFOLD_FUSED=0`` keeps the eager one everywhere)."""
+    configure_cpu_allocator()
+    use_fused(fused and os.environ.get("SPARSEFOLD_FUSED", "1") != "0")
 
 
 def distributed_backend(use_gpu: bool) -> str:

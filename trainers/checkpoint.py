@@ -136,7 +136,7 @@ RESUME_MAY_CHANGE = frozenset({
     "wandb", "trainer.max_steps", "trainer.budget_cpu_seconds", "trainer.val_every", "trainer.ckpt_every",
     "trainer.log_every", "trainer.keep_checkpoints", "trainer.progress", "trainer.output_dir", "trainer.run_name",
     "trainer.resume", "trainer.rollback_after", "trainer.rollback_lr_factor", "trainer.max_rollbacks",
-    "runtime.threads", "runtime.use_gpu", "runtime.compile", "runtime.channels_last",
+    "runtime.threads", "runtime.use_gpu", "runtime.compile", "runtime.channels_last", "runtime.fused",
     "ray.enabled", "ray.max_failures", "ray.cpus_per_worker", "data.val", "data.val_images", "data.cache_dir",
 })
 

@@ -1,7 +1,7 @@
 """Tiled inference: an image of any size in bounded memory, with the whole image's result.
 
 Why. A forward pass holds several full-size feature maps at once (the bundled CSCNet: 64 code channels per
-pixel for each of By, γ_t, γ_t + By, the next v, …): ≈ 1.5 kB of live tensors per pixel, ≈ 3 GB peak RSS
+pixel for each of γ_t, B(Aγ_t − y), the next v, …): ≈ 1.5 kB of live tensors per pixel, ≈ 3 GB peak RSS
 for one megapixel. :func:`denoise_tiled` cuts the image into overlapping tiles, runs each through the model
 exactly as it would run a whole image, and takes every output pixel from the one tile whose *core* holds it
 (centre-crop stitching: no blending, no seams).
