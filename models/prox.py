@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 
 def _shrink(v: Tensor, th: Tensor) -> Tensor:
@@ -42,9 +43,10 @@ def use_fused(on: bool) -> None:
 
 
 def _tracing() -> bool:
-    """Inside an export or a trace (ONNX, torch.export, TorchScript, an outer torch.compile): the eager ops."""
+    """Inside an export or a trace (ONNX, torch.export, TorchScript, an outer torch.compile) or under a dispatch
+    mode (FLOP counting, the tile planner's memory probe, which torch.compile would refuse): the eager ops."""
     return bool(torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
-                or torch.onnx.is_in_onnx_export())
+                or torch.onnx.is_in_onnx_export() or _get_current_dispatch_mode() is not None)
 
 
 def _run(name: str, eager: Callable[..., Any], *args: Tensor) -> Any:

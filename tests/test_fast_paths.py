@@ -127,3 +127,13 @@ def test_traces_and_exports_use_the_eager_ops(fused_small, monkeypatch) -> None:
         traced = torch.jit.trace(lambda t: prox.soft_threshold(t, 0.2), (v,), check_trace=False)
     torch.testing.assert_close(traced(v), v - v.clamp(-0.2, 0.2))
     assert "inference" not in fused_small._FUSED
+
+
+def test_a_dispatch_mode_keeps_fusion_for_later(fused_small) -> None:
+    """FLOP counting (and the tile planner's memory probe) run eager; fusion is not given up for good."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    v = torch.randn(2, 3, 4, 4)
+    with torch.no_grad(), FlopCounterMode(display=False):
+        prox.soft_threshold(v, 0.2)
+    assert fused_small._FUSED["failed"] is None and "inference" not in fused_small._FUSED
