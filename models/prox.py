@@ -53,9 +53,10 @@ def _run(name: str, eager: Callable[..., Any], *args: Tensor) -> Any:
     """``eager(*args)``, or its compiled version when fusion is on and the map is large."""
     if not _FUSED["on"] or _FUSED["failed"] or _tracing() or args[0].numel() < FUSE_MIN_NUMEL:
         return eager(*args)
-    if name not in _FUSED:  # training's maps keep one shape (static kernels: the backward's reduction is 2.6x
-        # faster than its dynamic-shape one); inference sees every image size (dynamic: no recompilation)
-        _FUSED[name] = torch.compile(eager, dynamic=name == "inference", fullgraph=True)
+    if name not in _FUSED:  # training's maps keep one shape: static kernels first (the backward's reduction is
+        # 2.6x faster than its dynamic-shape one), dynamic after a shape change (dynamic=None); inference sees every
+        # image size (dynamic from the start: no recompilation)
+        _FUSED[name] = torch.compile(eager, dynamic=True if name == "inference" else None, fullgraph=True)
     try:
         return _FUSED[name](*args)
     except Exception as e:  # noqa: BLE001 -- any backend failure (compiler missing, unsupported device) means eager
