@@ -5,6 +5,7 @@ Nothing here knows about training, Ray, W&B or data loading.
 
 from __future__ import annotations
 
+import types
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -55,10 +56,15 @@ def _run(name: str, eager: Callable[..., Any], *args: Tensor) -> Any:
         return eager(*args)
     if name not in _FUSED:  # training's maps keep one shape: static kernels first (the backward's reduction is
         # 2.6x faster than its dynamic-shape one), dynamic after a shape change (dynamic=None); inference sees every
-        # image size (dynamic from the start: no recompilation)
-        _FUSED[name] = torch.compile(eager, dynamic=True if name == "inference" else None, fullgraph=True)
+        # image size (dynamic from the start: no recompilation). Dynamo keeps compiled graphs, and counts
+        # recompilations against config.recompile_limit, per code object: each kernel compiles its own copy.
+        code = eager.__code__.replace()
+        _FUSED[name] = torch.compile(types.FunctionType(code, eager.__globals__, f"{eager.__name__}_{name}"),
+                                     dynamic=True if name == "inference" else None, fullgraph=True)
     try:
         return _FUSED[name](*args)
+    except torch._dynamo.exc.FailOnRecompileLimitHit:  # yet another dtype/rank/shape: this call eager, the
+        return eager(*args)  # kernels compiled so far stay in use
     except Exception as e:  # noqa: BLE001 -- any backend failure (compiler missing, unsupported device) means eager
         _FUSED["failed"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         warnings.warn(f"fused soft threshold unavailable ({_FUSED['failed']}); using the eager one", stacklevel=2)

@@ -105,6 +105,20 @@ def test_fused_soft_threshold_equals_eager(fused_small) -> None:
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.skipif(not any(map(shutil.which, ("g++", "c++", "clang++"))), reason="inductor needs a C++ compiler on CPU")
+def test_recompile_limit_means_eager_for_that_call_only(fused_small, monkeypatch) -> None:
+    """A process that meets many dtypes/ranks (a test session, a sweep) hits dynamo's recompile limit: those
+    calls run eager, fusion stays on (CI once failed here with FailOnRecompileLimitHit)."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    for dtype, shape in ((torch.float32, (2, 3, 4, 4)), (torch.float64, (2, 3, 4, 4)), (torch.float32, (3, 4, 5))):
+        v = torch.randn(shape, dtype=dtype, requires_grad=True)
+        out = prox.soft_threshold(v, torch.tensor(0.2))
+        out.sum().backward()
+        torch.testing.assert_close(out, v - v.detach().clamp(-0.2, 0.2))
+        torch.testing.assert_close(v.grad, (v.detach().abs() > 0.2).to(dtype))
+    assert fused_small._FUSED["failed"] is None and fused_small._FUSED["on"]
+
+
 def test_fused_falls_back_to_eager_once(fused_small, monkeypatch) -> None:
     def broken(*args, **kwargs):
         def run(*a):
