@@ -200,7 +200,8 @@ def _load_strict(model: nn.Module, weights: dict[str, torch.Tensor], directory: 
 
 def load_model(ref: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Build the model a checkpoint describes, without its init (every weight comes from the checkpoint),
-    and load its weights (strict). Returns (model, meta)."""
+    and load its weights (strict). Returns (model, meta), the model in eval mode, ready for inference
+    (BatchNorm on its running statistics; ``model.train()`` to train it further)."""
     directory = resolve_checkpoint(ref)
     verify_checkpoint(directory, require_manifest=False)
     if not (directory / MANIFEST).is_file() and not directory.resolve().is_relative_to(BUNDLED_DIR.resolve()):
@@ -214,7 +215,7 @@ def load_model(ref: str | Path, device: str | torch.device = "cpu") -> tuple[nn.
     _load_strict(model, _load_weights(directory, str(device)), directory, name)
     meta["state"] = json.loads((directory / STATE).read_text())
     meta["path"] = str(directory)
-    return model.to(device), meta
+    return model.to(device).eval(), meta
 
 
 def load_initial_weights(model: nn.Module, ref: str) -> Path:

@@ -56,7 +56,8 @@ def noisy_versions(clean: list[Tensor], noise: NoiseConfig, seed: int = 0) -> li
 @torch.inference_mode()
 def denoise(model: nn.Module, noisy: Tensor, device: torch.device | str = "cpu", sigma: float | None = None,
             max_memory: int | None = None, clip: bool = True) -> Tensor:
-    """Model output for one (C, H, W) image, clipped to [0, 1] (unless not ``clip``). ``sigma`` (0..255) is the known noise
+    """Model output for one (C, H, W) image, clipped to [0, 1] (unless not ``clip``); the model is run as given
+    (in eval mode for inference: ``load_model`` returns it so). ``sigma`` (0..255) is the known noise
     level, or None: noise-adaptive models then estimate it from the image (blind denoising). An image
     whose forward pass would need more than ``max_memory`` bytes (None: ``tiling.default_max_memory``)
     runs in overlapping tiles, with the same result (``trainers/tiling.py``)."""
