@@ -8,7 +8,8 @@ weights are read from ../shared/official only (never copied); the DnCNN pickle i
 restricted unpickler (``torch.load(weights_only=False)`` is not used anywhere). LIDIA's official forward runs
 as its denoise_set_*.py scripts run it: ``NonLocalDenoiser(image, train=False, save_memory=True,
 max_chunk=40000)`` on the [−1, 1] scale, never put in eval mode, so its BatchNorm layers use each 40,000-patch
-chunk's statistics (``--official-bn running``: eval mode, the running statistics sparsefold uses).
+chunk's statistics, and so does the imported checkpoint (``eval_bn="official"``); ``--official-bn running``
+runs both in eval mode (the running statistics).
 
     python benchmarks/eval_official.py [--data set12|bsd68|cbsd68] [--images N] [--threads T] [--only NAMES]
                                        [--per-image]
@@ -25,6 +26,7 @@ over the whole sorted list, so image i's noise is the convention's). Not part of
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -39,9 +41,11 @@ import torch
 
 from sparsefold.config import NoiseConfig
 from sparsefold.datasets import gaussian_eval_noise, list_images, load_image
+from sparsefold.models import build_model
 from sparsefold.trainers.checkpoint import load_model
 from sparsefold.trainers.evaluate import denoise, evaluate_images, noisy_versions, psnr
 from sparsefold.trainers.importers import import_release
+from sparsefold.trainers.tiling import tile_pixels
 from sparsefold.trainers.torchfile import module_tensors, read_torch_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,10 +127,21 @@ def official_psnr(model: Callable[[torch.Tensor], torch.Tensor], files: list[Pat
     return {"psnr": sum(scores) / len(scores), "per_image": scores}
 
 
-def run(name: str, family: str, src: Path, files: list[Path], tmp: Path, rgb: bool = False, bn: str = "batch") -> dict:
-    t0 = time.perf_counter()
+def imported(name: str, family: str, src: Path, tmp: Path, bn: str) -> tuple[dict, torch.nn.Module, dict]:
+    """``sparsefold import`` of the release and the checkpoint loaded; a LIDIA import normalizes as the
+    official scripts (``eval_bn="official"``), switched to the running statistics for ``--official-bn running``."""
     summary = import_release(family, src, tmp / name)
     ours, meta = load_model(summary["checkpoint"])
+    if family == "lidia" and bn == "running":
+        state = ours.state_dict()
+        ours = build_model(dataclasses.replace(ours.config, eval_bn="running"), init=False)
+        ours.load_state_dict(state)
+    return summary, ours, meta
+
+
+def run(name: str, family: str, src: Path, files: list[Path], tmp: Path, rgb: bool = False, bn: str = "batch") -> dict:
+    t0 = time.perf_counter()
+    summary, ours, meta = imported(name, family, src, tmp, bn)
     sigma = summary["sigma"]
     res = evaluate_images(ours, files, NoiseConfig(sigma=sigma), gray=not rgb, with_ssim=False, max_memory=MAX_MEMORY)
     t1 = time.perf_counter()
@@ -150,26 +165,34 @@ def run_per_image(name: str, family: str, src: Path, files: list[Path], tmp: Pat
                   bn: str = "batch") -> dict | None:
     """Both sides image by image, each image's pair saved to ``cache`` at once; the row when all are in."""
     done = json.loads(cache.read_text()) if cache.is_file() else {"release": f"{family}/{src.name}", "images": {}}
-    summary = import_release(family, src, tmp / name)
-    ours, meta = load_model(summary["checkpoint"])
+    summary, ours, meta = imported(name, family, src, tmp, bn)
     ours.eval()
     sigma = float(summary["sigma"])
     official = official_model(family, src, meta, rgb, bn)
     clean = [load_image(f, gray=not rgb) for f in files]
     noisy = noisy_versions(clean, NoiseConfig(sigma=sigma), seed=0)  # the whole list: image i's draws
+    ours_bn = getattr(ours.config, "eval_bn", None)  # LIDIA: how the imported model normalizes at eval
     for f, x, y in zip(files, clean, noisy):
-        if f.name in done["images"]:
+        row = done["images"].get(f.name, {})
+        if row and row.get("sparsefold_eval_bn") == ours_bn:
             continue
+        if ours_bn == "official":  # the official statistics are those of the whole image's patches: no tiles
+            assert tile_pixels(ours, y, "cpu", MAX_MEMORY) is None, f"{f.name} would be tiled"
         t0 = time.perf_counter()
         a = psnr(denoise(ours, y, "cpu", sigma, MAX_MEMORY, True), x)
         t1 = time.perf_counter()
-        b = psnr(official(y[None])[0].clamp(0, 1), x)
-        t2 = time.perf_counter()
-        done["images"][f.name] = {"sparsefold": a, "official": b, "seconds_sparsefold": round(t1 - t0, 1),
-                                  "seconds_official": round(t2 - t1, 1)}
+        if "official" not in row:  # the official side of an image scored before a change on ours is kept
+            row = {"official": psnr(official(y[None])[0].clamp(0, 1), x),
+                   "seconds_official": round(time.perf_counter() - t1, 1)}
+        row = row | {"sparsefold": a, "seconds_sparsefold": round(t1 - t0, 1)}
+        if ours_bn is not None:
+            row["sparsefold_eval_bn"] = ours_bn
+        done["images"][f.name] = row
+        a, b = row["sparsefold"], row["official"]
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(done, indent=1) + "\n")
-        print(f"{name} {f.name}: sparsefold {a:.4f} official {b:.4f} ({t1 - t0:.0f} s + {t2 - t1:.0f} s)", flush=True)
+        print(f"{name} {f.name}: sparsefold {a:.4f} official {b:.4f} ({t1 - t0:.0f} s + "
+              f"{row['seconds_official']:.0f} s)", flush=True)
     rows = [done["images"][f.name] for f in files]
     n = len(rows)
     ps, po = sum(r["sparsefold"] for r in rows) / n, sum(r["official"] for r in rows) / n

@@ -5,13 +5,14 @@ Synthetic releases (our model's tensors under the official names, in tmp_path) c
 hyperparameters read from the tensors; they run everywhere. The equivalence tests run the official
 ``code/modules.py`` (imported by path, never copied) on the released weights in ``../shared/official/lidia``
 and are skipped when it is absent. The official scripts never call ``.eval()`` (their BatchNorm layers use
-the statistics of each 40,000-patch chunk); the forward compared here is the module in eval mode, with the
-running statistics the checkpoints hold, as sparsefold evaluates (benchmarks/eval_official.py measures
-the scripts' way).
+the statistics of each 40,000-patch chunk, FcNet's those of all patches): an import reproduces that
+(``eval_bn="official"``, compared with the scripts' call on smaller chunks), and ``eval_bn="running"`` equals
+the module in eval mode (the running statistics the checkpoints hold).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -26,6 +27,7 @@ from sparsefold.cli import main
 from sparsefold.datasets import list_images, load_image
 from sparsefold.errors import InputError
 from sparsefold.models import build_model, count_parameters, neighbours
+from sparsefold.models import lidia as lidia_mod
 from sparsefold.models.lidia import LIDIAConfig
 from sparsefold.trainers.checkpoint import load_model
 from sparsefold.trainers.importers import import_release, lidia_name
@@ -131,15 +133,18 @@ def official_modules(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
 
 
 @needs_official
+@pytest.mark.parametrize("eval_bn", ["official", "running"])
 @pytest.mark.parametrize(("release", "sigma", "rgb", "small", "params"), [
     ("model_state_sigma_15_bw.pt", 15, False, False, 61_589),
     ("model_state_sigma_25_bw.pt", 25, False, False, 61_589),
     ("model_state_small_sigma_25_bw.pt", 25, False, True, 40_226),
     ("model_state_sigma_25_c.pt", 25, True, False, 94_067),
 ])
-def test_lidia_release_equals_official_forward(tmp_path, monkeypatch, release, sigma, rgb, small, params):
+def test_lidia_release_equals_official_forward(tmp_path, monkeypatch, release, sigma, rgb, small, params, eval_bn):
     """A 40×40 crop (Set12 / CBSD68 first image, seeded noise, unclipped) through the imported checkpoint
-    and through the official NonLocalDenoiser (inference path: reflect and −1 padding, both scales)."""
+    and through the official NonLocalDenoiser (inference path: reflect and −1 padding, both scales), as the
+    official scripts call it (BatchNorm in training mode, patch chunks: 4 uneven ones of the 2,116 patches
+    here) or in eval mode."""
     torch.set_num_threads(1)  # the official search is 5 × 841 tiny convolutions: threads only add overhead
     if sigma == 15:  # one reference row per distance table: the banded search equals the whole one
         monkeypatch.setattr(neighbours, "_TABLE", 1)
@@ -147,6 +152,12 @@ def test_lidia_release_equals_official_forward(tmp_path, monkeypatch, release, s
     out = import_release("lidia", src, tmp_path / "ckpt")
     assert out["params"] == params and out["sigma"] == sigma
     ours, _ = load_model(tmp_path / "ckpt")
+    assert ours.config.eval_bn == "official"  # the scripts' way is what an import reproduces
+    if eval_bn == "running":
+        ours = build_model(dataclasses.replace(ours.config, eval_bn="running"), init=False)
+        ours.load_state_dict(load_model(tmp_path / "ckpt")[0].state_dict())
+    chunk = 700
+    monkeypatch.setattr(lidia_mod, "_OFFICIAL_CHUNK", chunk)
     modules = official_modules(monkeypatch)
     opt = modules.ArchitectureOptions(rgb=rgb, small_network=small)
     official = modules.NonLocalDenoiser(modules.calc_padding(opt)[0], opt)
@@ -155,5 +166,6 @@ def test_lidia_release_equals_official_forward(tmp_path, monkeypatch, release, s
     y = (x + sigma / 255 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0)))[None]
     with torch.no_grad():
         got = ours.eval()(y)
-        want = official.eval()(2 * y - 1, train=False) / 2 + 0.5  # the official [−1, 1] scale
+        official.train(eval_bn == "official")  # the official [−1, 1] scale:
+        want = official(2 * y - 1, train=False, save_memory=True, max_chunk=chunk) / 2 + 0.5
     assert (got - want).abs().max().item() <= 1e-4

@@ -278,7 +278,8 @@ def lidia_config(sd: dict[str, Any], src: Path) -> LIDIAConfig:
     try:
         return LIDIAConfig(channels=c, patch_size=p, neighbours=hor.shape[0], window=29, stride=1,
                            width=first.shape[0], blocks=2 if LIDIA_NET + "sep_part1_s0.a" in sd else 1,
-                           weight_layers=layers, search="official", aggregation="official", w11_min=0.0)
+                           weight_layers=layers, search="official", aggregation="official", w11_min=0.0,
+                           eval_bn="official")
     except InputError as e:
         raise InputError(f"{src}: {e}") from None
 
