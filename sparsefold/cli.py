@@ -349,6 +349,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action=VersionAction, help="print the version (and git commit) and exit")
     p.add_argument("--debug", action="store_true",
                    help="print the traceback of an error too (also: SPARSEFOLD_DEBUG=1)")
+    p.add_argument("--verbose", action="store_true",
+                   help="Ray runs and sweeps: Ray's own logs and warnings and every worker's output on the terminal "
+                   "too (otherwise only in the run's ray_logs/ folder; also: SPARSEFOLD_VERBOSE=1)")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", help="one of:")
     s = sub.add_parser("shards", help="write WebDataset shards from an image folder")
     s.add_argument("image_dir", type=Path, help="folder of images (png/jpg/bmp/tif directly inside it)")
@@ -493,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     """
     a = parser().parse_args(argv)
     debug = a.debug or os.environ.get("SPARSEFOLD_DEBUG", "") not in ("", "0")
+    if a.verbose:  # read where Ray starts (trainers/ray_env.py), also by a job this process submits
+        os.environ["SPARSEFOLD_VERBOSE"] = "1"
     try:
         if a.cmd in TENSOR_COMMANDS:  # runtime imports torch: train validates its config first
             from sparsefold.runtime import configure_cpu_allocator, configure_process

@@ -31,7 +31,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from sparsefold.config import ConfigError
 from sparsefold.sweeps.report import collect_trials, compute_savings
 from sparsefold.sweeps.spec import SPEC_FILE, SweepSpec
-from sparsefold.trainers.ray_env import use_ray_train_env
+from sparsefold.trainers.ray_env import ray_init_args, use_ray_train_env
 
 SUMMARY_FILE = "summary.json"
 
@@ -63,7 +63,8 @@ def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
     from sparsefold.trainers.ray_train import fit
 
     cfg = spec.trial_config(config, ray.tune.get_context().get_trial_id())
-    fit(cfg, callbacks=[ForwardToTune(cfg.trainer.val_every, cfg.trainer.max_steps)], gpus_per_worker=spec.resources.gpus_per_worker or None)
+    fit(cfg, callbacks=[ForwardToTune(cfg.trainer.val_every, cfg.trainer.max_steps)],
+        gpus_per_worker=spec.resources.gpus_per_worker or None, console=False)  # Tune reports the trials
 
 
 def trial_dirname(trial) -> str:
@@ -137,9 +138,9 @@ def _init_ray(spec: SweepSpec) -> None:
 
     if not ray.is_initialized():  # keep the dashboard: Train's placement-group cleanup needs it (Ray 2.60)
         if os.environ.get("RAY_ADDRESS"):
-            ray.init(address=os.environ["RAY_ADDRESS"])
+            ray.init(address=os.environ["RAY_ADDRESS"], **ray_init_args())
         else:
-            init_local_ray()
+            init_local_ray(**ray_init_args())
     total = ray.cluster_resources().get("CPU", 0.0)
     need = spec.resources.cpus_per_trial
     if need > total:

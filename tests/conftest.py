@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 from collections.abc import Callable
@@ -98,12 +100,14 @@ def ddp_run(ray_cluster, tmp_path_factory, cache_dir) -> SimpleNamespace:
     """ONE uninterrupted Ray Train run of :func:`tiny_run` + :data:`DDP` (a fit costs ~30-50 s of process
     starts on 2 cores): what tests/test_ray.py checks of a DDP run, and the reference that the killed-worker
     run of tests/test_fault_tolerance.py must match. ``.overrides`` (without a run name), ``.out`` (fit's
-    result)."""
+    result), ``.stderr`` (what the driver printed: rank 0's bar and lines, relayed by trainers/console.py)."""
     from sparsefold.config import load_config
     from sparsefold.trainers.ray_train import fit
 
     overrides = tiny_run(tmp_path_factory.mktemp("ddp") / "runs", cache_dir) + DDP
-    return SimpleNamespace(overrides=overrides, out=fit(load_config(None, overrides + ["trainer.run_name=ddp"])))
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        out = fit(load_config(None, overrides + ["trainer.run_name=ddp", "trainer.progress=true"]))
+    return SimpleNamespace(overrides=overrides, out=out, stderr=err.getvalue())
 
 
 def bundled_once() -> list[str]:

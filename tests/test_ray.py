@@ -72,3 +72,20 @@ def test_every_model_through_ray_ddp(ray_cluster, tiny_overrides, tmp_path):
     outs = result.return_value
     assert [o["steps"] for o in outs] == [2 + i for i in range(len(MODELS))]
     assert all(o["nonfinite_steps"] == 0 and o["val_psnr"] > 5 for o in outs), outs
+
+
+def test_the_terminal_of_a_ray_run_is_a_plain_runs(ddp_run, tmp_path):
+    """Rank 0's bar and [sparsefold] lines reach the driver once each (trainers/console.py), nothing of Ray's
+    worker output does (log_to_driver=False; the session cluster starts with trainers/ray_env.py's settings),
+    and Ray's session logs can be kept next to the run (what a run that starts its own Ray does)."""
+    from sparsefold.trainers.ray_train import keep_ray_logs
+
+    err = ddp_run.stderr
+    for step in (8, 16):
+        assert err.count(f"[sparsefold] step {step}: val psnr") == 1, err
+    assert "16/16" in err  # the progress bar, drawn on the driver
+    for noise in ("(RayTrainWorker", "TrainingReport", "Checkpoint successfully created", "\x1b[36m"):
+        assert noise not in err, noise
+    keep_ray_logs(tmp_path)
+    logs = list((tmp_path / "ray_logs").glob("session_*/**/*"))
+    assert any(p.name.startswith("ray-train-app-worker") for p in logs), sorted(p.name for p in logs)

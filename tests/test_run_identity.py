@@ -9,6 +9,7 @@ landed in the plain run's folder.
 from __future__ import annotations
 
 import json
+import queue
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -54,6 +55,7 @@ def test_ray_driver_and_workers_agree_on_the_run(tiny_overrides, tmp_path, monke
     pytest.importorskip("ray")
     import ray
     import ray.train.torch
+    import ray.util.queue
 
     from sparsefold.trainers import ray_train
 
@@ -68,6 +70,7 @@ def test_ray_driver_and_workers_agree_on_the_run(tiny_overrides, tmp_path, monke
 
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", Recorder)
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray.util.queue, "Queue", lambda **_: queue.Queue())  # the console relay, without Ray
     monkeypatch.chdir(tmp_path)
     write_val(tmp_path / "val")
     over = [o for o in tiny_overrides if not o.startswith("trainer.output_dir=")]
@@ -122,6 +125,7 @@ def test_a_workers_expected_failure_is_one_line_on_the_driver(tiny_overrides, tm
     import ray
     import ray.train
     import ray.train.torch
+    import ray.util.queue
 
     from sparsefold.cli import main
     from sparsefold.errors import RunError
@@ -138,6 +142,7 @@ def test_a_workers_expected_failure_is_one_line_on_the_driver(tiny_overrides, tm
 
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", Failing)
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray.util.queue, "Queue", lambda **_: queue.Queue())  # the console relay, without Ray
     monkeypatch.chdir(tmp_path)
     write_val(tmp_path / "val")
     assert main(["train", *tiny_overrides, "data.val=val", "ray.enabled=true"]) == 1

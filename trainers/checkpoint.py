@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from torch import nn
 from sparsefold.config import RunConfig, dataclass_from_dict, migrate, to_dict
 from sparsefold.errors import InputError, RunError
 from sparsefold.models import MODELS, build_model
+from sparsefold.trainers.console import say
 from sparsefold.trainers.provenance import code_version
 from sparsefold.trainers.storage import (
     BUNDLED_DIR,
@@ -47,10 +47,6 @@ from sparsefold.trainers.storage import (
     temp_dir,
     verify_checkpoint,
 )
-
-
-def _warn(msg: str) -> None:
-    print(f"[sparsefold] {msg}", file=sys.stderr, flush=True)
 
 
 def _fsync(path: Path) -> None:
@@ -205,7 +201,7 @@ def load_model(ref: str | Path, device: str | torch.device = "cpu") -> tuple[nn.
     directory = resolve_checkpoint(ref)
     verify_checkpoint(directory, require_manifest=False)
     if not (directory / MANIFEST).is_file() and not directory.resolve().is_relative_to(BUNDLED_DIR.resolve()):
-        _warn(f"{directory}: no {MANIFEST}, so its files cannot be verified (an older checkpoint, or a partial "
+        say(f"{directory}: no {MANIFEST}, so its files cannot be verified (an older checkpoint, or a partial "
               "copy); loading it anyway")
     meta = read_config(directory)
     name = meta["model"].get("name")

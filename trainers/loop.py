@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Generator
@@ -55,6 +54,7 @@ from sparsefold.trainers.checkpoint import (
     load_training_state,
     save_checkpoint,
 )
+from sparsefold.trainers.console import Terminal, say, sink
 from sparsefold.trainers.evaluate import evaluate_images
 from sparsefold.trainers.losses import Objective
 from sparsefold.trainers.provenance import code_version, file_set
@@ -387,7 +387,7 @@ class Run:
     val: list[Path] = field(default_factory=list)  # validation images (rank 0)
     provenance: dict[str, Any] = field(default_factory=dict)  # code version + validation set (rank 0)
     loss: LossWindow = field(default_factory=LossWindow)
-    bar: Any = None  # tqdm progress bar (rank 0, trainer.progress)
+    bar: Terminal | None = None  # where the progress bar is drawn (rank 0, trainer.progress): trainers/console.py
     clock: Clock = field(default_factory=Clock)
 
     @property
@@ -395,11 +395,9 @@ class Run:
         return self.dist.rank == 0
 
     def say(self, line: str) -> None:
-        """Print one ``[sparsefold]`` line on stderr (rank 0), above the progress bar if there is one."""
-        if not self.main:
-            return
-        line = f"[sparsefold] {line}"
-        self.bar.write(line, file=sys.stderr) if self.bar is not None else print(line, file=sys.stderr, flush=True)
+        """One ``[sparsefold]`` line on stderr (rank 0), above the progress bar if there is one."""
+        if self.main:
+            say(line)
 
 
 def resume_point(cfg: RunConfig, run: str | Path, *, announce: bool = True) -> Path | None:
@@ -439,7 +437,7 @@ def start(cfg: RunConfig, dist: Dist) -> Run:
     if fine_tune:
         source = load_initial_weights(model, t.init_from)
         if dist.rank == 0:
-            print(f"[sparsefold] new run {run_dir.name} starts from the weights of {source}", file=sys.stderr, flush=True)
+            say(f"new run {run_dir.name} starts from the weights of {source}")
     model = rt.place(model)
     opt = make_optimizer(model, cfg.optim)
     state = TrainState()
@@ -473,10 +471,8 @@ def open_outputs(run: Run) -> None:
     (run.run_dir / "provenance.json").write_text(json.dumps(run.provenance, indent=1))
     run.tracker.log({"model/params": count_parameters(run.model)}, step=run.state.step)
     if t.progress:
-        from tqdm.auto import tqdm
-
-        run.bar = tqdm(total=t.max_steps, initial=run.state.step, desc=run.run_dir.name, unit="step",
-                       dynamic_ncols=True)
+        run.bar = sink()
+        run.bar.open_bar(t.max_steps, run.state.step, run.run_dir.name)
 
 
 def use_depth(run: Run, depth: int | None) -> None:
@@ -500,8 +496,7 @@ def rollback(run: Run) -> None:
     run.say(f"step {bad.step}: {t.rollback_after} consecutive non-finite steps; rolled back "
             f"to step {run.state.step}, lr scale {run.state.lr_scale:g}")
     if run.bar is not None:
-        run.bar.n = run.state.step
-        run.bar.refresh()
+        run.bar.move_to(run.state.step)
 
 
 def log_step(run: Run, lr: float, grad_norm: float, epoch: int, depth: int | None, unreadable: int) -> None:
@@ -621,8 +616,7 @@ def train(cfg: RunConfig, dist: Dist | None = None) -> dict[str, Any]:
                 continue
             step, last = run.state.step, run.state.step == t.max_steps or progress == 1.0  # steps or budget spent
             if run.bar is not None:
-                run.bar.update(1)
-                run.bar.set_postfix(loss=f"{res.loss.item():.2e}", lr=f"{lr:.1e}")
+                run.bar.advance(1, {"loss": f"{res.loss.item():.2e}", "lr": f"{lr:.1e}"})
             if run.main and (step % t.log_every == 0 or last):
                 log_step(run, lr, grad_norm, epoch, depth, unreadable)
             do_val = step % t.val_every == 0 or last

@@ -1,4 +1,4 @@
-"""The Ray Train settings every sparsefold run starts Ray with, in ONE place (``train``, ``sweep``, ``launch``).
+"""The Ray settings every sparsefold run starts Ray with, in ONE place (``train``, ``sweep``, ``launch``).
 
 Ray Train 2.60 reads them from the environment of the process that starts Ray (the driver), which passes
 ``RAY_TRAIN_*`` on to its Train controllers and workers; so they are set before Ray starts, as defaults that a
@@ -7,7 +7,9 @@ user's own environment (or ``launch --env``) overrides. Imports nothing heavy: t
 
 from __future__ import annotations
 
+import logging
 import os
+from typing import Any
 
 RAY_TRAIN_ENV = {
     # The controller polls its workers for reports at this interval; Ray's 2 s default costs ~2 s per report
@@ -25,3 +27,17 @@ def use_ray_train_env() -> None:
     """Set :data:`RAY_TRAIN_ENV` in this process's environment where the user has not set a value."""
     for name, value in RAY_TRAIN_ENV.items():
         os.environ.setdefault(name, value)
+
+
+def verbose() -> bool:
+    """``sparsefold --verbose`` (which sets ``SPARSEFOLD_VERBOSE=1``): Ray's own output on the terminal too."""
+    return os.environ.get("SPARSEFOLD_VERBOSE", "") not in ("", "0")
+
+
+def ray_init_args() -> dict[str, Any]:
+    """The ``ray.init`` arguments of every sparsefold driver: quiet unless :func:`verbose`. The workers' output
+    (Ray Train's "Reporting training result ...", the controller's, rank 1's) is not forwarded to the driver, nor
+    are Ray's warnings logged there; it stays in the Ray session logs (a local run copies them into its run
+    directory, ``ray_logs/``). What sparsefold itself says reaches the terminal through trainers/console.py."""
+    loud = verbose()
+    return {"log_to_driver": loud, "logging_level": logging.INFO if loud else logging.ERROR}

@@ -16,8 +16,9 @@ unchanged after the driver itself was killed.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import sys
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -26,8 +27,10 @@ from typing import Any
 from sparsefold.config import RunConfig, is_url
 from sparsefold.errors import InputError, RunError, SparsefoldError
 from sparsefold.runtime import distributed_backend
+from sparsefold.trainers.console import Relay, relayed, say
+from sparsefold.trainers.console import use as use_console
 from sparsefold.trainers.loop import Dist, resume_point, train
-from sparsefold.trainers.ray_env import use_ray_train_env
+from sparsefold.trainers.ray_env import ray_init_args, use_ray_train_env
 from sparsefold.trainers.runlock import run_lock
 from sparsefold.trainers.storage import (
     announce_resume,
@@ -59,8 +62,8 @@ def resume_checkpoint(ctx: Any, restored: Any) -> Path | None:
         td.broadcast_object_list(chosen, src=0)  # every rank resumes from the same checkpoint
     name = chosen[0]
     if rank == 0 and restored is not None and name is not None and Path(restored.path).name != name:
-        print(f"[sparsefold] Ray restored {Path(restored.path).name}; storage holds a newer valid checkpoint "
-              f"{name}: resuming from that", file=sys.stderr, flush=True)
+        say(f"Ray restored {Path(restored.path).name}; storage holds a newer valid checkpoint {name}: resuming "
+            "from that")
     if name is None:
         return Path(restored.to_directory()) if restored is not None else None
     if best is not None or local:
@@ -103,6 +106,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     cfg = RunConfig.from_dict(config["run"])
     ctx = ray.train.get_context()
+    if ctx.get_world_rank() == 0 and config.get("console") is not None:
+        use_console(Relay(config["console"]))  # our lines and bar: drawn by the driver (trainers/console.py)
     # a restart after a failure, or the same run name started again: the latest valid checkpoint
     resume_from = resume_checkpoint(ctx, ray.train.get_checkpoint())
     if ctx.get_world_rank() == 0 and resume_from is not None and resume_from.name != config.get("announced"):
@@ -138,7 +143,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def fit(cfg: RunConfig, *, callbacks: list | None = None, gpus_per_worker: float | None = None,
-        instrument: Callable[[Dist], Dist] | None = None) -> dict[str, Any]:
+        instrument: Callable[[Dist], Dist] | None = None, console: bool = True) -> dict[str, Any]:
     """Run ``cfg`` with Ray Train on ``ray.workers`` workers; returns rank 0's summary plus the
     checkpoint Ray persisted under ``<output_dir>/<run_name>/``.
 
@@ -146,27 +151,32 @@ def fit(cfg: RunConfig, *, callbacks: list | None = None, gpus_per_worker: float
     validation report to Tune). ``gpus_per_worker``: a GPU share per worker (fractions allowed) instead
     of the one GPU that ``runtime.use_gpu`` reserves. ``instrument``: applied in every worker to the
     :class:`~sparsefold.trainers.loop.Dist` its loop gets, e.g. to watch or hold its reports (the
-    fault-tolerance test stops the ranks after a known checkpoint this way); shipped with cloudpickle."""
+    fault-tolerance test stops the ranks after a known checkpoint this way); shipped with cloudpickle.
+    ``console``: rank 0's progress bar and lines drawn in this process (trainers/console.py; a sweep's
+    trials, which Tune reports on, run without)."""
     cfg = canonical_run(cfg)  # the run's identity, once; from here on every process uses this config
     with run_lock(run_dir_of(cfg)):  # one writer per run: taken before anything is written or Ray starts
-        return run_trainer(cfg, callbacks, gpus_per_worker, instrument)
+        return run_trainer(cfg, callbacks, gpus_per_worker, instrument, console)
 
 
 def run_trainer(cfg: RunConfig, callbacks: list | None, gpus_per_worker: float | None,
-                instrument: Callable[[Dist], Dist] | None = None) -> dict[str, Any]:
+                instrument: Callable[[Dist], Dist] | None = None, console: bool = True) -> dict[str, Any]:
     """:func:`fit` after the run's identity is fixed (``cfg`` is :func:`canonical_run`'s) and its lock is
     held; the run's storage is :func:`storage_of`'s."""
     use_ray_train_env()  # before Ray starts: propagated to the controller and the workers
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Queue
 
     t, ray_cfg, gpu = cfg.trainer, cfg.ray, cfg.runtime.use_gpu
     storage, name, run_root = storage_of(cfg)
     preflight(cfg)
     latest = resume_point(cfg, run_root)  # refused here in one line; inside a worker Ray would wrap the error
+    ours = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")  # a Ray instance of this process
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, **ray_init_args())
+    queue = Queue(actor_options={"num_cpus": 0}) if console else None
     gpus = (gpus_per_worker if gpus_per_worker is not None else 1) if gpu else 0
     resources = {"CPU": ray_cfg.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
     # ray.train.torch exports Train v2's TorchTrainer at run time (the 2.60 default), which takes a loop returning
@@ -175,7 +185,7 @@ def run_trainer(cfg: RunConfig, callbacks: list | None, gpus_per_worker: float |
         train_loop_per_worker,  # type: ignore[arg-type]
         # absolute paths and the run name: nothing to recompute; what the driver announced, not said twice
         train_loop_config={"run": cfg.to_dict(), "announced": latest.name if latest is not None else None,
-                           "instrument": instrument},
+                           "instrument": instrument, "console": queue},
         torch_config=TorchConfig(backend=distributed_backend(gpu)),
         scaling_config=ray.train.ScalingConfig(num_workers=ray_cfg.workers, use_gpu=gpu,
                                                resources_per_worker=resources),
@@ -188,9 +198,13 @@ def run_trainer(cfg: RunConfig, callbacks: list | None, gpus_per_worker: float |
         ),
     )
     try:
-        result = trainer.fit()
+        with relayed(queue) if queue is not None else contextlib.nullcontext():
+            result = trainer.fit()
     except ray.train.WorkerGroupError as e:  # a worker's expected failure is one line, not Ray's report
         raise worker_failure(e) from e
+    finally:
+        if ours and not is_url(run_root):
+            keep_ray_logs(Path(run_root))
     out = dict(result.return_value or {})  # type: ignore[attr-defined]
     newest = newest_checkpoint(run_root)  # Ray's result.checkpoint can lag behind (see the module docstring)
     if newest is None and result.checkpoint is not None:
@@ -199,6 +213,19 @@ def run_trainer(cfg: RunConfig, callbacks: list | None, gpus_per_worker: float |
         out["checkpoint"] = newest
     out["ray_run_dir"] = result.path
     return out
+
+
+def keep_ray_logs(run_dir: Path) -> None:
+    """Copy this process's Ray session logs (controller, workers: every rank's output, Ray's warnings) to
+    ``run_dir/ray_logs/<session>/``, where the run's other files are (Ray's own folder is under /tmp)."""
+    import ray._private.worker as ray_worker  # the session folder has no public accessor in Ray 2.60
+
+    node = getattr(getattr(ray_worker, "_global_node", None), "get_session_dir_path", None)
+    if node is None or not run_dir.is_dir():
+        return
+    session = Path(node())
+    with contextlib.suppress(OSError):  # logs are a convenience: a copy that fails must not fail the run
+        shutil.copytree(session / "logs", run_dir / "ray_logs" / session.name, dirs_exist_ok=True)
 
 
 def newest_checkpoint(run_root: str) -> str | None:

@@ -23,13 +23,13 @@ import fcntl
 import json
 import os
 import socket
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from sparsefold.errors import InputError
+from sparsefold.trainers.console import say
 
 LOCK = ".lock"
 
@@ -105,8 +105,7 @@ def _acquire(run_dir: Path) -> int:
             os.close(fd)
             raise _busy(run_dir, holder, remote=True)
         if holder:
-            print(f"[sparsefold] {path}: taking over the lock of pid {holder.get('pid')} (no longer running)",
-                  file=sys.stderr, flush=True)
+            say(f"{path}: taking over the lock of pid {holder.get('pid')} (no longer running)")
         me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode(), 0)

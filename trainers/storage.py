@@ -49,7 +49,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -57,6 +56,7 @@ from typing import Any
 
 from sparsefold.config import RunConfig, is_url, spec_options, split_spec, to_dict
 from sparsefold.errors import InputError
+from sparsefold.trainers.console import say
 from sparsefold.trainers.wandb_auth import api_key_available
 
 FORMAT = 1
@@ -73,9 +73,6 @@ BUNDLED_DIR = Path(str(importlib.resources.files("sparsefold"))) / "bundled"  # 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete, tampered with or not ours."""
 
-
-def _say(msg: str) -> None:
-    print(f"[sparsefold] {msg}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -225,9 +222,9 @@ def publish_run_files(cfg: RunConfig) -> str:
     _, _, root = storage_of(cfg)
     try:
         n = upload_tree(run_dir_of(cfg), root)
-        _say(f"uploaded {n} run files to {root}")
+        say(f"uploaded {n} run files to {root}")
     except Exception as e:  # noqa: BLE001
-        _say(f"warning: could not upload the run files to {root}: {e}")
+        say(f"warning: could not upload the run files to {root}: {e}")
     return root
 
 
@@ -342,7 +339,7 @@ def _step_in_name(name: str) -> int | None:
 
 def _skipped(e: CheckpointError, warn: bool) -> None:
     if warn:
-        _say(f"skipping checkpoint: {e}")
+        say(f"skipping checkpoint: {e}")
 
 
 def checkpoint_dirs(run: Path) -> list[Path]:
@@ -493,5 +490,5 @@ def announce_resume(run_name: str, checkpoint: Path) -> None:
     trainers/loop.py:resume_point)."""
     state = json.loads((checkpoint / STATE).read_text())
     scale = state.get("lr_scale", 1.0)
-    _say(f"resuming run {run_name} from step {state['step']} ({checkpoint})"
+    say(f"resuming run {run_name} from step {state['step']} ({checkpoint})"
          + (f", lr scale {scale:g}" if scale != 1 else ""))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +27,7 @@ from torch import Tensor
 from sparsefold.config import RunConfig
 from sparsefold.errors import ConfigError
 from sparsefold.models.contract import HasDictionary
+from sparsefold.trainers.console import say
 from sparsefold.trainers.wandb_auth import api_key_available
 
 
@@ -142,7 +142,7 @@ class WandbTracker(NullTracker):
         self.run_dir = getattr(self.run, "dir", None)
         note = mode_note(cfg.wandb.mode, mode)
         if note:
-            print(f"[sparsefold] {note}", file=sys.stderr, flush=True)
+            say(note)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self.run.log(metrics, step=step)
