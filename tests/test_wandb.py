@@ -23,6 +23,7 @@ from sparsefold.config import load_config
 from sparsefold.errors import ConfigError, InputError
 from sparsefold.models import build_model
 from sparsefold.trainers.checkpoint import load_initial_weights, load_model, save_checkpoint
+from sparsefold.trainers.storage import best_val_psnr
 from sparsefold.trainers.tracking import (
     NullTracker,
     best_psnr,
@@ -326,6 +327,23 @@ def test_media_keys_have_no_pipe():
     first = (torch.zeros(1, 8, 8),) * 3
     assert all("|" not in k for k in model_panels(torch.nn.Identity(), first))
     assert media_key("val/noisy|denoised|clean") == "val/noisy-denoised-clean"
+
+
+def test_an_offline_resumed_run_keeps_best_for_a_better_checkpoint(tiny_overrides, wandb_spy, tmp_path):
+    """Offline, W&B hands a resumed run no summary: the ``best`` alias must still beat every earlier checkpoint
+    of the run (its own state.json metrics). Planted: step 2 recorded 99 dB, so the resumed step 6 is not best."""
+    over = tiny_overrides + [f"data.val={small_images(tmp_path / 'val')}", "wandb.mode=offline", "trainer.val_every=2",
+                             "trainer.ckpt_every=2", "trainer.log_every=2", "trainer.run_name=res"]
+    out = loop.train(load_config(None, over + ["trainer.max_steps=4"]))
+    state = Path(out["run_dir"]) / "step_0000002" / "state.json"
+    planted = json.loads(state.read_text())
+    planted["metrics"]["val/psnr"] = 99.0
+    state.write_text(json.dumps(planted))
+    assert best_val_psnr(Path(out["run_dir"])) == 99.0
+    wandb_spy["artifacts"].clear()
+    loop.train(load_config(None, over + ["trainer.max_steps=6"]))
+    (art,) = [a for a in wandb_spy["artifacts"] if a[1] == "model"]
+    assert "step-6" in art[2] and "best" not in art[2], art[2]
 
 
 def test_best_psnr_of_a_resumed_summary():

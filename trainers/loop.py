@@ -61,6 +61,7 @@ from sparsefold.trainers.provenance import code_version, file_set
 from sparsefold.trainers.runlock import run_lock
 from sparsefold.trainers.storage import (
     announce_resume,
+    best_val_psnr,
     latest_checkpoint,
     prune_checkpoints,
     run_dir_of,
@@ -462,8 +463,9 @@ def open_outputs(run: Run) -> None:
     cfg, t = run.cfg, run.cfg.trainer
     run.val = val_files(cfg.data)[: cfg.data.val_images] if run.main else []
     run.provenance = {**code_version(), "val_set": file_set(run.val, cfg.data.val)} if run.main else {}
-    run.tracker = make_tracker(cfg, run.dist.rank, run.run_dir, run.run_dir.name, run.resumed_from is not None,
-                               run.provenance)
+    resumed = run.resumed_from is not None
+    run.tracker = make_tracker(cfg, run.dist.rank, run.run_dir, run.run_dir.name, resumed, run.provenance,
+                               best_val_psnr(run.run_dir) if resumed and run.main else float("-inf"))
     if not run.main:
         return
     run.run_dir.mkdir(parents=True, exist_ok=True)

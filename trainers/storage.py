@@ -46,6 +46,7 @@ import dataclasses
 import hashlib
 import importlib.resources
 import json
+import math
 import os
 import re
 import shutil
@@ -340,6 +341,20 @@ def _step_in_name(name: str) -> int | None:
 def _skipped(e: CheckpointError, warn: bool) -> None:
     if warn:
         say(f"skipping checkpoint: {e}")
+
+
+def best_val_psnr(run: Path) -> float:
+    """The best validation PSNR any complete checkpoint of a local run recorded (state.json ``metrics``), or
+    -inf: what a resumed run's W&B ``best`` alias must beat, whatever W&B itself kept (offline: nothing)."""
+    best = float("-inf")
+    for d in checkpoint_dirs(run):
+        try:
+            value = json.loads((d / STATE).read_text()).get("metrics", {}).get("val/psnr")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            best = max(best, float(value))
+    return best
 
 
 def checkpoint_dirs(run: Path) -> list[Path]:

@@ -116,7 +116,7 @@ def best_psnr(summary: Any) -> float:
 
 class WandbTracker(NullTracker):
     def __init__(self, cfg: RunConfig, run_dir: Path, run_name: str, resume: bool,
-                 provenance: dict[str, Any] | None = None) -> None:
+                 provenance: dict[str, Any] | None = None, best: float = float("-inf")) -> None:
         import wandb
 
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -138,7 +138,8 @@ class WandbTracker(NullTracker):
         )
         for key in ("val/psnr", "val/ssim"):  # the summary holds the best, not the last
             self.run.define_metric(key, summary="max")
-        self.best = best_psnr(self.run.summary) if resume else float("-inf")
+        # a resumed run: the best of what W&B kept (nothing when offline) and of the run's own checkpoints
+        self.best = max(best_psnr(self.run.summary), best) if resume else float("-inf")
         self.run_dir = getattr(self.run, "dir", None)
         note = mode_note(cfg.wandb.mode, mode)
         if note:
@@ -172,11 +173,12 @@ class WandbTracker(NullTracker):
 
 
 def make_tracker(cfg: RunConfig, rank: int, run_dir: Path, run_name: str, resume: bool,
-                 provenance: dict[str, Any] | None = None) -> NullTracker:
-    """THE rank gate: a :class:`WandbTracker` on rank 0 (unless the mode resolves to disabled), else a no-op."""
+                 provenance: dict[str, Any] | None = None, best: float = float("-inf")) -> NullTracker:
+    """THE rank gate: a :class:`WandbTracker` on rank 0 (unless the mode resolves to disabled), else a no-op.
+    ``best``: a resumed run's best validation PSNR so far (its checkpoints'), for the ``best`` alias."""
     if rank != 0 or wandb_mode(cfg.wandb.mode) == "disabled":
         return NullTracker()
-    return WandbTracker(cfg, run_dir, run_name, resume, provenance)
+    return WandbTracker(cfg, run_dir, run_name, resume, provenance, best)
 
 
 # ------------------------------------------------------------------ images for the dashboard
