@@ -347,13 +347,16 @@ def migrate(d: dict[str, Any], notify: bool = False) -> dict[str, Any]:
 
 @dataclass(frozen=True, kw_only=True)
 class WandbConfig:
-    """W&B logging from rank 0. ``auto``: online when WANDB_API_KEY is set, offline otherwise."""
+    """W&B logging from rank 0. ``auto``: online when WANDB_API_KEY is set, offline otherwise. ``log_model``:
+    each checkpoint as a ``model`` artifact (aliases latest / best / step-N), as Lightning's ``log_model="all"``;
+    false keeps checkpoints out of W&B (metrics, images and tables are still logged)."""
 
     mode: str = "auto"
     project: str = "sparsefold"
     entity: str = ""
     group: str = ""
     tags: tuple[str, ...] = ()
+    log_model: bool = True
 
     def __post_init__(self) -> None:
         check(self.mode in ("auto", "online", "offline", "disabled"), "mode", f"unknown mode {self.mode!r}")

@@ -346,6 +346,14 @@ def test_an_offline_resumed_run_keeps_best_for_a_better_checkpoint(tiny_override
     assert "step-6" in art[2] and "best" not in art[2], art[2]
 
 
+def test_log_model_false_keeps_checkpoints_out_of_wandb(tiny_overrides, wandb_spy, tmp_path):
+    loop.train(load_config(None, tiny_overrides + [
+        f"data.val={small_images(tmp_path / 'val')}", "wandb.mode=offline", "trainer.max_steps=2",
+        "trainer.val_every=2", "trainer.ckpt_every=2", "trainer.run_name=nomodel", "wandb.log_model=false"]))
+    assert not [a for a in wandb_spy["artifacts"] if a[1] == "model"]
+    assert any("val/psnr" in data for _, data in wandb_spy["log"])  # the rest is logged as before
+
+
 def test_best_psnr_of_a_resumed_summary():
     assert best_psnr({"val/psnr": {"max": 30.5}}) == 30.5 and best_psnr({"val/psnr": 29.0}) == 29.0
     assert best_psnr({}) == float("-inf") and best_psnr(None) == float("-inf")

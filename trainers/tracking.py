@@ -123,6 +123,7 @@ class WandbTracker(NullTracker):
         os.environ.setdefault("WANDB_SILENT", "true")
         mode = wandb_mode(cfg.wandb.mode)
         self._wandb, self.config = wandb, {**cfg.to_dict(), "provenance": provenance or {}}
+        self.log_model = cfg.wandb.log_model
         self.run = wandb.init(
             project=cfg.wandb.project,
             entity=cfg.wandb.entity or None,
@@ -160,6 +161,8 @@ class WandbTracker(NullTracker):
         ``latest``, ``step-<N>`` and, when this step's validation PSNR is the best of the run so far, ``best``;
         the config (with provenance) and this step's metrics as metadata. The files are copied to W&B's
         staging area here, so ``directory`` may be deleted right after (Ray's temporary checkpoint)."""
+        if not self.log_model:  # wandb.log_model=false
+            return
         psnr = metrics.get("val/psnr", float("nan")) if validated else float("nan")
         best = math.isfinite(psnr) and psnr > self.best
         self.best = psnr if best else self.best
