@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK  (argcomplete: this command completes its arguments)
 """``sparsefold`` command line (also ``python -m sparsefold``).
 
     sparsefold --version
@@ -484,6 +485,16 @@ def error_line(e: Exception, command: str) -> tuple[int, str]:
     return 1, f"internal error: {type(e).__name__}: {msg} (a bug: run with --debug for the traceback and report it)"
 
 
+def complete(p: argparse.ArgumentParser) -> None:
+    """Shell completion of commands, options and paths (``pip install argcomplete``, then once per shell:
+    ``eval "$(register-python-argcomplete sparsefold)"``); without argcomplete, nothing."""
+    try:
+        import argcomplete
+    except ImportError:
+        return
+    argcomplete.autocomplete(p)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; every failure ends in ONE line on stderr and an exit code (the traceback too only
     with ``--debug`` or ``SPARSEFOLD_DEBUG=1``):
@@ -494,7 +505,10 @@ def main(argv: list[str] | None = None) -> int:
       lower), another OSError; and an unexpected exception, which is a bug: ``internal error: ...``;
     * 130: interrupted (Ctrl-C).
     """
-    a = parser().parse_args(argv)
+    p = parser()
+    if "_ARGCOMPLETE" in os.environ:  # the shell asks for completions: argcomplete answers and exits
+        complete(p)
+    a = p.parse_args(argv)
     debug = a.debug or os.environ.get("SPARSEFOLD_DEBUG", "") not in ("", "0")
     if a.verbose:  # read where Ray starts (trainers/ray_env.py), also by a job this process submits
         os.environ["SPARSEFOLD_VERBOSE"] = "1"
