@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from sparsefold.config import DataConfig, NoiseConfig
+from sparsefold.config import DataConfig, NoiseConfig, TaskConfig
+from sparsefold.datasets.degrade import degrade, join, split
 from sparsefold.datasets.noise import add_noise
 from sparsefold.datasets.patches import decode_image, random_crops, stable_seed
 from sparsefold.datasets.shards import ensure_url_schemes
@@ -53,6 +54,7 @@ class PatchStream(IterableDataset):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        task: TaskConfig | None = None,
     ) -> None:
         super().__init__()
         if not urls:
@@ -60,6 +62,7 @@ class PatchStream(IterableDataset):
         if not 0 <= rank < world_size:
             raise ValueError(f"PatchStream: rank {rank} outside world size {world_size}")
         self.urls, self.data, self.noise = list(urls), data, noise
+        self.task = task or TaskConfig()  # not denoising: batches also carry "op" (datasets/degrade.py)
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.epoch = 0
         self.skipped_total = 0  # skipped in this process (a worker's copy counts its own)
@@ -121,9 +124,15 @@ class PatchStream(IterableDataset):
                 continue
             self._bad_streak = 0
             clean = random_crops(img, d.crops_per_image, d.patch_size, gen)
-            noisy, sigma = add_noise(clean, self.noise, gen)
-            for k in range(clean.shape[0]):
-                yield {"clean": clean[k], "noisy": noisy[k], "sigma": sigma[k], "key": sample["__key__"]}
+            if self.task.kind == "denoise":
+                noisy, sigma = add_noise(clean, self.noise, gen)
+                for k in range(clean.shape[0]):
+                    yield {"clean": clean[k], "noisy": noisy[k], "sigma": sigma[k], "key": sample["__key__"]}
+                continue
+            noisy, sigma, op = degrade(clean, self.task, self.noise, gen)  # y = A x + n, op drawn per crop
+            for k, params in enumerate(split(op, len(clean))):
+                yield {"clean": clean[k], "noisy": noisy[k], "sigma": sigma[k], "key": sample["__key__"],
+                       "op": (op.name, params)}
 
     def _batches(self, items: Iterable[dict]) -> Iterator[Batch]:
         bs = self.data.batch_size
@@ -132,13 +141,17 @@ class PatchStream(IterableDataset):
             if len(chunk) < bs:  # partial=False: drop the remainder
                 break
             skipped, self._skipped = self._skipped, 0
-            yield {
+            batch = {
                 "noisy": torch.stack([c["noisy"] for c in chunk]),
                 "clean": torch.stack([c["clean"] for c in chunk]),
                 "sigma": torch.stack([c["sigma"] for c in chunk]),
                 "skipped": skipped,
                 "keys": [c["key"] for c in chunk],
             }
+            if "op" in chunk[0]:  # a restoration task: the operator of each sample, as one batch operator
+                name = chunk[0]["op"][0]
+                batch["op"] = (name, join(name, [c["op"][1] for c in chunk]))
+            yield batch
         if self._skipped and get_worker_info() is not None:
             log.warning(
                 "data: %d skipped samples after this worker's last batch (not in any batch)", self._skipped

@@ -64,6 +64,8 @@ MODELS: dict[str, ModelEntry] = {
                             "patch ISTA with MLP-predicted λ, learned averaging (Scetbon et al. 2021)", 35_138),
     "lidia": ModelEntry("lidia", "LIDIA", "LIDIAConfig",
                         "non-local 2-scale separable patch denoiser, LIDIA (Vaksman et al. 2020)", 61_589),
+    "pgnet": ModelEntry("pgnet", "PGNet", "PGNetConfig",
+                        "unfolded proximal gradient, conv. sparse prior, any operator A (restoration tasks)", 34_859),
 }
 
 # ``from sparsefold.models import CSCNet``: every registered class name -> the file that defines it.

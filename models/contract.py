@@ -68,6 +68,16 @@ class Checkpointed(Protocol):
 
 
 @runtime_checkable
+class Restorer(Protocol):
+    """A model for y = A x + n with a known operator (``task.kind`` other than denoise):
+    ``forward(y, sigma=None, op=None)``, ``op`` a :class:`~.operators.Operator` (None: A = I), ``y`` of the
+    measurement's shape (smaller for super-resolution, complex for MRI), x̂ of the image's. A class attribute
+    ``takes_operator = True``, so that config validation can check the class without building a model."""
+
+    takes_operator: bool
+
+
+@runtime_checkable
 class Likelihood(Protocol):
     """Natural parameter η of the noise model's likelihood, for the unsupervised loss (``loss.kind=nll``,
     see :mod:`.likelihoods`)."""

@@ -38,7 +38,14 @@ from typing import Any
 import yaml
 
 from sparsefold import __version__
-from sparsefold.config import EVAL_CONVENTIONS, ConfigError, NoiseConfig, dataclass_from_dict, load_run_config
+from sparsefold.config import (
+    EVAL_CONVENTIONS,
+    ConfigError,
+    NoiseConfig,
+    TaskConfig,
+    dataclass_from_dict,
+    load_run_config,
+)
 from sparsefold.errors import InputError, SparsefoldError
 from sparsefold.launch import add_parser as add_launch
 from sparsefold.launch import mask_secrets
@@ -186,7 +193,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from sparsefold.datasets import list_images
     from sparsefold.models import count_parameters
     from sparsefold.trainers.checkpoint import load_model
-    from sparsefold.trainers.evaluate import evaluate_images
+    from sparsefold.trainers.evaluate import evaluate_images, evaluate_task
 
     if a.images < 0:
         raise InputError(f"--images: must be >= 0 (0: all), got {a.images}")
@@ -197,9 +204,14 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         raise InputError(f"{a.data_dir}: no images found (png/jpg/bmp/tif); point DATA_DIR at an image folder")
     gray = meta["model"].get("channels", 1) == 1
     noise = noise_for(a, meta)
-    res = evaluate_images(model, files, noise, gray=gray, seed=a.seed, blind=a.blind, max_memory=a.max_memory,
-                          convention=a.convention, progress=progress_bar(a, len(files), "evaluate"))
+    task = dataclass_from_dict(TaskConfig, meta.get("run", {}).get("task", {}), "task")  # what it was trained for
+    if task.kind == "denoise":
+        res = evaluate_images(model, files, noise, gray=gray, seed=a.seed, blind=a.blind, max_memory=a.max_memory,
+                              convention=a.convention, progress=progress_bar(a, len(files), "evaluate"))
+    else:  # a restoration model: its training task's operator, the restoration convention (trainers/evaluate.py)
+        res = evaluate_task(model, files, task, noise, gray=gray, seed=a.seed)
     out = {k: res[k] for k in ("psnr", "ssim", "images", "sec_per_image", "cpu_sec_per_image", "input_psnr")}
+    out["task"] = task.kind
     out.update(params=count_parameters(model), model=meta["model"]["name"], checkpoint=meta["path"],
                noise=noise.kind, sigma=noise.sigma if noise.kind == "gaussian" else None,
                peak=noise.peak if noise.kind == "poisson" else None, blind=a.blind, data=str(a.data_dir),

@@ -105,6 +105,56 @@ class NoiseConfig:
         return self.at_evaluation().sigma if self.kind == "gaussian" else 0.0
 
 
+TASKS = ("denoise", "inpaint", "deblur", "sr", "csmri")
+_IF_SET: dict[str, Any] = {"run_name": "if_set"}  # a run's name keeps its hash while the task is denoising
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskConfig:
+    """The forward operator A of y = A x + n (n: the ``noise`` section), drawn per sample
+    (models/operators.py; datasets/degrade.py). ``denoise``: A = I.
+
+    ``inpaint``: pixels kept with probability ``keep`` (``mask=random``), or ``holes`` square holes of
+    ``block`` pixels (``mask=blocks``). ``deblur``: a ``kernel_size`` kernel, ``gaussian`` (std ``blur_sigma``
+    px) or ``motion`` (a line of ``motion_length`` px at a uniform random angle), ``boundary`` circular or
+    reflect. ``sr``: ×``factor`` down-sampling after a ``filter`` (box / bicubic) anti-alias filter.
+    ``csmri``: single-coil k-space sampled at ``rate`` by a ``sampling`` mask (cartesian: variable density,
+    random per sample; radial), complex measurements (gray images only)."""
+
+    kind: str = field(default="denoise", metadata=_IF_SET)
+    keep: float = field(default=0.5, metadata=_IF_SET)
+    mask: str = field(default="random", metadata=_IF_SET)
+    block: int = field(default=16, metadata=_IF_SET)
+    holes: int = field(default=1, metadata=_IF_SET)
+    kernel: str = field(default="gaussian", metadata=_IF_SET)
+    kernel_size: int = field(default=15, metadata=_IF_SET)
+    blur_sigma: float = field(default=1.6, metadata=_IF_SET)
+    motion_length: float = field(default=9.0, metadata=_IF_SET)
+    boundary: str = field(default="circular", metadata=_IF_SET)
+    factor: int = field(default=2, metadata=_IF_SET)
+    filter: str = field(default="bicubic", metadata=_IF_SET)
+    rate: float = field(default=0.2, metadata=_IF_SET)
+    sampling: str = field(default="cartesian", metadata=_IF_SET)
+
+    def __post_init__(self) -> None:
+        check(self.kind in TASKS, "kind", f"must be one of {', '.join(TASKS)}, got {self.kind!r}")
+        check(0 < self.keep <= 1, "keep", f"must be in (0, 1], got {self.keep}")
+        check(self.mask in ("random", "blocks"), "mask", f"must be random or blocks, got {self.mask!r}")
+        check(self.block >= 1 and self.holes >= 1, "block" if self.block < 1 else "holes", "must be >= 1")
+        check(self.kernel in ("gaussian", "motion"), "kernel", f"must be gaussian or motion, got {self.kernel!r}")
+        check(self.kernel_size >= 3 and self.kernel_size % 2 == 1, "kernel_size",
+              f"must be odd and >= 3, got {self.kernel_size}")
+        check(self.blur_sigma > 0, "blur_sigma", f"must be > 0, got {self.blur_sigma}")
+        check(self.kernel != "motion" or 1 <= self.motion_length <= self.kernel_size - 1, "motion_length",
+              f"must be in [1, kernel_size - 1 = {self.kernel_size - 1}], got {self.motion_length}")
+        check(self.boundary in ("circular", "reflect"), "boundary", f"must be circular or reflect, got {self.boundary!r}")
+        check(self.factor in (2, 3, 4), "factor", f"must be 2, 3 or 4, got {self.factor}")
+        check(self.filter in ("box", "bicubic"), "filter", f"must be box or bicubic, got {self.filter!r}")
+        check(0 < self.rate <= 1, "rate", f"must be in (0, 1], got {self.rate}")
+        check(self.sampling in ("cartesian", "radial"), "sampling",
+              f"must be cartesian or radial, got {self.sampling!r}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """Where images come from and how they are cut.
@@ -369,6 +419,7 @@ class RunConfig:
     model: Any
     data: DataConfig = field(default_factory=DataConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -392,6 +443,7 @@ class RunConfig:
         if self.loss.kind == "nll" and module is not None:
             check(issubclass(module, Likelihood), "loss.kind",
                   f"nll (unsupervised) needs a likelihood model (dcea_c, dcea_uc); {self.model.name!r} has none")
+        self.check_task(module)
         if self.trainer.depth_stages:
             # Deepening has a data member (depth), which issubclass() cannot check on a class
             check(module is not None and callable(getattr(module, "set_depth", None)), "trainer.depth_stages",
@@ -402,6 +454,22 @@ class RunConfig:
         if self.trainer.activation_checkpointing:  # a class attribute (models/contract.py Checkpointed)
             check(module is not None and hasattr(module, "checkpoint_unfoldings"), "trainer.activation_checkpointing",
                   f"model {self.model.name!r} is not an unfolded model: it has no unfoldings to checkpoint")
+
+    def check_task(self, module: type | None) -> None:
+        """A restoration task needs a model that takes the operator, Gaussian noise (added to A x) and a
+        pixel loss; MRI is gray, super-resolution crops divide by the factor."""
+        task = self.task
+        if task.kind == "denoise":
+            return
+        check(module is not None and getattr(module, "takes_operator", False), "task.kind",
+              f"{task.kind} needs a model that takes the forward operator (pgnet); {self.model.name!r} does not")
+        check(self.noise.kind == "gaussian", "noise.kind",
+              f"task.kind={task.kind} adds Gaussian noise to A x; got {self.noise.kind!r}")
+        check(self.loss.kind not in ("nll", "multilayer"), "loss.kind",
+              f"task.kind={task.kind} trains with a pixel loss (mse, l1, ssim_mixed, log_mse), not {self.loss.kind}")
+        check(task.kind != "csmri" or self.data.gray, "data.gray", "task.kind=csmri: single-coil MRI is gray")
+        check(task.kind != "sr" or self.data.patch_size % task.factor == 0, "data.patch_size",
+              f"must be divisible by task.factor={task.factor}, got {self.data.patch_size}")
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -414,6 +482,7 @@ class RunConfig:
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "noise": NoiseConfig,
+    "task": TaskConfig,
     "optim": OptimConfig,
     "loss": LossConfig,
     "trainer": TrainerConfig,

@@ -23,6 +23,7 @@ SMALL: dict[str, dict[str, Any]] = {  # each with >= 3 unfoldings, some untied a
     "dcea_uc": dict(depth=4, filters=16, kernel_size=7, stride=4),
     "lista": dict(patch_size=4, atoms=16, depth=4, tied=False),
     "deep_ksvd": dict(patch_size=4, atoms=16, depth=3),
+    "pgnet": dict(depth=4, filters=8, kernel_size=5),
 }
 UNFOLDED = sorted(SMALL)
 

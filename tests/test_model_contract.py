@@ -22,6 +22,7 @@ from sparsefold.models.contract import (
     Multilayer,
     NoiseChecked,
     Projected,
+    Restorer,
     Tiled,
 )
 from sparsefold.models.tiling import Tiling
@@ -39,6 +40,7 @@ SMALL: dict[str, dict[str, Any]] = {
     "dcea_c": dict(depth=3, filters=16, kernel_size=7, stride=4),
     "dcea_uc": dict(depth=3, filters=16, kernel_size=7, stride=4),
     "lidia": dict(window=7, neighbours=6, width=8, weight_layers=2),
+    "pgnet": dict(depth=3, filters=8, kernel_size=5),
 }
 
 UNFOLDED = {Multilayer, Deepening, HasDictionary, CodeSparsity, Tiled}
@@ -51,8 +53,9 @@ CLAIMS: dict[str, set[type]] = {
     "deep_ksvd": UNFOLDED,
     "lidia": {HasDictionary, CodeSparsity, Tiled},
     "dncnn": {HasDictionary, Tiled},
+    "pgnet": {HasDictionary, Projected, Restorer},
 }
-OPTIONAL = (Multilayer, Deepening, Likelihood, HasDictionary, CodeSparsity, Tiled, Projected)
+OPTIONAL = (Multilayer, Deepening, Likelihood, HasDictionary, CodeSparsity, Tiled, Projected, Restorer)
 NAMES = sorted(MODELS)
 
 

@@ -27,6 +27,7 @@ SMALL: dict[str, dict[str, Any]] = {
     "dcea_c": dict(depth=3, filters=16, kernel_size=7, stride=4),
     "dcea_uc": dict(depth=3, filters=16, kernel_size=7, stride=4),
     "lidia": dict(window=7, neighbours=6, width=8, weight_layers=2),
+    "pgnet": dict(depth=3, filters=8, kernel_size=5),
 }
 
 # Odd sizes on purpose (not multiples of any stride), and a batch > 1.

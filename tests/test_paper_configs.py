@@ -41,8 +41,11 @@ FINAL_LR = {
 }
 
 
+NO_PAPER = {"pgnet": "our unfolded proximal-gradient restorer (issue 18): no paper to reproduce"}
+
+
 def test_every_zoo_model_has_a_paper_recipe() -> None:
-    assert {f.stem for f in FILES} == set(MODELS)
+    assert {f.stem for f in FILES} == set(MODELS) - set(NO_PAPER)
 
 
 @pytest.mark.parametrize("path", FILES, ids=[f.stem for f in FILES])

@@ -32,6 +32,10 @@ def test_two_worker_ddp(ddp_run, tmp_path_factory):
     assert meta["state"]["step"] == 16 and meta["state"]["metrics"]["val/psnr"] == out["val_psnr"]
 
 
+TASK_RUNS = [["task.kind=inpaint"], ["task.kind=deblur", "task.kernel_size=7"], ["task.kind=sr", "task.factor=2"],
+             ["task.kind=csmri", "task.rate=0.33"]]
+
+
 def _train_each(config: dict) -> list[dict]:
     """Worker loop of the zoo test: the package's own per-worker loop, once per run config. The runs share
     one Ray run (one start-up), so a run must not resume from the previous model's checkpoint in it."""
@@ -63,6 +67,12 @@ def test_every_model_through_ray_ddp(ray_cluster, tiny_overrides, tmp_path):
             "data.val_images=1", "data.patch_size=32", "data.batch_size=2", f"trainer.run_name=ray-{name}",
         ]
         runs.append(load_config(None, over).to_dict())
+    for j, task in enumerate(TASK_RUNS):  # issue 18: each restoration task, its operator carried by the batches
+        over = [o for o in tiny_overrides if not o.startswith("model.")] + zoo.run_overrides("pgnet") + task + [
+            "ray.enabled=true", "ray.workers=2", f"trainer.max_steps={2 + len(MODELS) + j}", "data.val_images=1",
+            f"trainer.val_every={2 + len(MODELS) + j}", "data.patch_size=32", "data.batch_size=2",
+            f"trainer.run_name=ray-pgnet-{j}"]
+        runs.append(load_config(None, over).to_dict())
     trainer = TorchTrainer(
         _train_each, train_loop_config={"runs": runs},
         scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.9}),
@@ -70,7 +80,7 @@ def test_every_model_through_ray_ddp(ray_cluster, tiny_overrides, tmp_path):
     )
     result = trainer.fit()
     outs = result.return_value
-    assert [o["steps"] for o in outs] == [2 + i for i in range(len(MODELS))]
+    assert [o["steps"] for o in outs] == [2 + i for i in range(len(MODELS) + len(TASK_RUNS))]
     assert all(o["nonfinite_steps"] == 0 and o["val_psnr"] > 5 for o in outs), outs
 
 

@@ -9,6 +9,12 @@ SSIM (11×11, σ=1.5, data_range 1) per image, averaged.
 its releases with the numbers its code prints: each clean image divided by its maximum (the counts are then
 Poisson(peak·x/max x), as theirs), the output not clipped; PSNR with peak 1 of the rescaled image, which is
 their PSNR with peak max(x) of the estimate max(x)·x̂.
+
+Restoration tasks (``task.kind`` other than denoise, y = A x + n): one generator seeded once (seed 0), drawn
+image after image in sorted order, first the operator's randomness (mask, kernel angle), then the Gaussian
+noise on A x (σ as above; datasets/degrade.py); super-resolution crops each image to a multiple of the factor
+(its bottom/right rows and columns). The whole image is one forward pass (no tiles: A is global for MRI); the
+output is clipped, PSNR with peak 1 against the (cropped) clean image; ``input_psnr`` is that of Aᵀy, clipped.
 """
 
 from __future__ import annotations
@@ -22,9 +28,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sparsefold.config import EVAL_CONVENTIONS, NoiseConfig
+from sparsefold.config import EVAL_CONVENTIONS, NoiseConfig, TaskConfig
 from sparsefold.datasets import add_noise, gaussian_eval_noise, load_image, save_image
+from sparsefold.datasets.degrade import degrade, make_operator
 from sparsefold.errors import InputError, RunError
+from sparsefold.models.operators import Operator
 from sparsefold.trainers.tiling import denoise_tiled, tile_pixels
 
 
@@ -51,6 +59,57 @@ def noisy_versions(clean: list[Tensor], noise: NoiseConfig, seed: int = 0) -> li
         return gaussian_eval_noise(clean, noise.eval_sigma, seed=seed)
     g = torch.Generator().manual_seed(seed)
     return [add_noise(x, noise, g)[0] for x in clean]
+
+
+def measured_versions(clean: list[Tensor], task: TaskConfig, noise: NoiseConfig, seed: int = 0
+                      ) -> list[tuple[Tensor, Tensor, Tensor, Operator]]:
+    """(clean, y, sigma, operator) per image by the restoration convention (module docstring); ``clean``
+    cropped for super-resolution."""
+    g, out = torch.Generator().manual_seed(seed), []
+    for x in clean:
+        if task.kind == "sr":
+            x = x[..., : x.shape[-2] - x.shape[-2] % task.factor, : x.shape[-1] - x.shape[-1] % task.factor]
+        y, sigma, op = degrade(x.unsqueeze(0), task, noise.at_evaluation(), g)
+        out.append((x, y, sigma, op))
+    return out
+
+
+def restore(model: nn.Module, y: Tensor, op: Operator, sigma: Tensor | None, device: torch.device | str = "cpu"
+            ) -> Tensor:
+    """x̂ (C, H, W), clipped, of a restoration model for one measurement y (1, ...) of ``op``."""
+    s = None if sigma is None else sigma.to(device)
+    return model(y.to(device), s, op=make_operator(op.name, op.params(), device)).squeeze(0).float().cpu().clamp_(0, 1)
+
+
+@torch.inference_mode()
+def evaluate_task(model: nn.Module, files: list[Path], task: TaskConfig, noise: NoiseConfig, gray: bool = True,
+                  device: torch.device | str = "cpu", seed: int = 0, with_ssim: bool = True,
+                  keep_first: bool = False) -> dict:
+    """:func:`evaluate_images` for a restoration task (the convention in the module docstring)."""
+    was_training = model.training
+    model.eval()
+    psnrs, ssims, inputs, secs, cpu, first = [], [], [], [], [], None
+    measured = measured_versions([load_image(f, gray=gray) for f in files], task, noise, seed)
+    for i, (x, y, sigma, op) in enumerate(measured):
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = restore(model, y, op, sigma, device)
+        secs.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+        zero_filled = op.A_adjoint(y).squeeze(0).clamp(0, 1)
+        psnrs.append(psnr(out, x))
+        inputs.append(psnr(zero_filled, x))
+        if with_ssim:
+            ssims.append(ssim(out, x))
+        if keep_first and i == 0:
+            first = (zero_filled, out, x)
+    model.train(was_training)
+    n = max(len(files), 1)
+    res = {"psnr": sum(psnrs) / n, "ssim": sum(ssims) / n if ssims else float("nan"), "input_psnr": sum(inputs) / n,
+           "images": len(files), "sec_per_image": sum(secs) / n, "cpu_sec_per_image": sum(cpu) / n,
+           "per_image": [{"file": f.name, "psnr": p} for f, p in zip(files, psnrs)]}
+    if keep_first:
+        res["first"] = first
+    return res
 
 
 @torch.inference_mode()

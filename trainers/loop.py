@@ -43,6 +43,7 @@ from sparsefold.datasets import (
     train_urls,
     val_files,
 )
+from sparsefold.datasets.degrade import make_operator
 from sparsefold.datasets.patches import stable_seed
 from sparsefold.errors import RunError
 from sparsefold.models import build_model, count_parameters
@@ -55,7 +56,7 @@ from sparsefold.trainers.checkpoint import (
     save_checkpoint,
 )
 from sparsefold.trainers.console import Terminal, say, sink
-from sparsefold.trainers.evaluate import evaluate_images
+from sparsefold.trainers.evaluate import evaluate_images, evaluate_task
 from sparsefold.trainers.losses import Objective
 from sparsefold.trainers.provenance import code_version, file_set
 from sparsefold.trainers.runlock import run_lock
@@ -210,7 +211,7 @@ def all_finite(x: torch.Tensor, world_size: int) -> bool:
     return all_ranks(torch.isfinite(x.detach()).all(), world_size)
 
 
-def unhealthy(cfg: RunConfig, model: nn.Module, rt: Any, batch: tuple[torch.Tensor, ...], streak: int,
+def unhealthy(cfg: RunConfig, model: nn.Module, rt: Any, batch: tuple[Any, ...], streak: int,
               world_size: int) -> str | None:
     """Why the current state must not become a checkpoint or the rollback target, or None when healthy.
 
@@ -264,7 +265,7 @@ class StepResult(NamedTuple):
     grad_norm: float | None  # gradient norm before clipping; None when a non-finite loss skipped the backward
 
 
-def train_step(net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, batch: tuple[torch.Tensor, ...],
+def train_step(net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, batch: tuple[Any, ...],
                lr: float, *, grad_clip: float = 0.0, scaler: torch.amp.GradScaler | None = None,
                autocast: Callable[[], AbstractContextManager] = nullcontext, world_size: int = 1) -> StepResult:
     """One optimizer step at learning rate ``lr`` of ``net`` (the loss module around ``model``, DDP-wrapped
@@ -453,7 +454,8 @@ def open_data(cfg: RunConfig, dist: Dist) -> tuple[PatchStream, int]:
     """This rank's training stream, and the number of images left out of the shards (``data/skipped``)."""
     urls = train_urls(cfg.data)
     check_shard_count(urls, dist.world_size, cfg.data.num_workers, cfg.data.resampled)
-    ds = PatchStream(urls, cfg.data, cfg.noise, seed=cfg.trainer.seed, rank=dist.rank, world_size=dist.world_size)
+    ds = PatchStream(urls, cfg.data, cfg.noise, seed=cfg.trainer.seed, rank=dist.rank, world_size=dist.world_size,
+                     task=cfg.task)
     return ds, skipped_while_sharding(urls)
 
 
@@ -517,7 +519,9 @@ def validate(run: Run) -> dict[str, float]:
     """Rank 0: score the validation images; log PSNR/SSIM, a per-image PSNR table, code sparsity, unfolding
     parameters and image panels; print one line. Returns the ``val/*`` metrics."""
     model, cfg, step = run.model, run.cfg, run.state.step
-    res = evaluate_images(model, run.val, cfg.noise, cfg.data.gray, run.rt.device, with_ssim=True, keep_first=True)
+    res = evaluate_images(model, run.val, cfg.noise, cfg.data.gray, run.rt.device, with_ssim=True, keep_first=True) \
+        if cfg.task.kind == "denoise" else \
+        evaluate_task(model, run.val, cfg.task, cfg.noise, cfg.data.gray, run.rt.device, keep_first=True)
     metrics = {"val/psnr": res["psnr"], "val/ssim": res["ssim"], "val/input_psnr": res["input_psnr"]}
     if isinstance(model, CodeSparsity):
         sp = model.code_sparsity(res["first"][0].unsqueeze(0).to(run.rt.device))
@@ -531,7 +535,7 @@ def validate(run: Run) -> dict[str, float]:
     return metrics
 
 
-def checkpoint(run: Run, batch: tuple[torch.Tensor, ...], validate_first: bool = False) -> None:
+def checkpoint(run: Run, batch: tuple[Any, ...], validate_first: bool = False) -> None:
     """Validate first if asked (rank 0), then checkpoint the current state if it is healthy
     (:func:`unhealthy`, judged on this step's ``batch``) and make it the rollback target; otherwise say why
     not and keep the old target.
@@ -598,6 +602,9 @@ def train(cfg: RunConfig, dist: Dist | None = None) -> dict[str, Any]:
             epoch, index, b = next(stream)
             torch.manual_seed(stable_seed("step", t.seed, dist.rank, run.state.step))  # randomness = f(step): resumable
             batch = tuple(b[k].to(run.rt.device, non_blocking=True) for k in ("noisy", "clean", "sigma"))
+            if "op" in b:  # a restoration task: the operator of this batch's measurements (datasets/degrade.py)
+                op_name, op_params = b["op"]
+                batch = (*batch, make_operator(op_name, op_params, run.rt.device))
             progress = budget_progress(run.state.step, run.clock.cpu(), cfg, dist.world_size)
             depth = depth_at(run.state.step, cfg, progress)
             use_depth(run, depth)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from sparsefold.config import LossConfig, NoiseConfig
 from sparsefold.errors import ConfigError
 from sparsefold.models.contract import Likelihood, Multilayer
+from sparsefold.models.operators import Operator
 
 
 def ssim_map_loss(x_hat: Tensor, x: Tensor) -> Tensor:
@@ -34,13 +35,14 @@ def multilayer_weights(n: int, decay: float) -> list[float]:
 class Objective(nn.Module):
     """model + loss as one module, so that DDP wraps (and syncs) whatever the loss calls: the forward,
     the intermediate ``reconstructions`` or the likelihood's ``natural``. ``forward`` returns the scalar
-    loss of one batch: noisy, clean (B, C, H, W), sigma (B,) in 0..255 units."""
+    loss of one batch: noisy, clean (B, C, H, W), sigma (B,) in 0..255 units; for a restoration task the
+    operator too (``op``: y = A x + n, ``noisy`` is y, in the measurement's shape)."""
 
     def __init__(self, model: nn.Module, loss: LossConfig, noise: NoiseConfig) -> None:
         super().__init__()
         self.model, self.loss, self.noise = model, loss, noise
 
-    def forward(self, noisy: Tensor, clean: Tensor, sigma: Tensor | None = None) -> Tensor:
+    def forward(self, noisy: Tensor, clean: Tensor, sigma: Tensor | None = None, op: Operator | None = None) -> Tensor:
         kind, m = self.loss.kind, self.model
         if kind == "multilayer":
             if not isinstance(m, Multilayer):  # RunConfig's check refuses this first
@@ -55,7 +57,7 @@ class Objective(nn.Module):
                 raise ConfigError(f"loss.kind: nll needs a likelihood model ({type(m).__name__}.natural); it has none")
             n = self.noise
             return nll(n.kind, m.natural(noisy, sigma).float(), noisy, peak=n.peak, trials=n.trials)
-        x_hat = m(noisy, sigma).float()
+        x_hat = (m(noisy, sigma) if op is None else m(noisy, sigma, op=op)).float()
         if kind == "mse":
             return torch.mean((x_hat - clean) ** 2)
         if kind == "log_mse":  # clamped: a perfect batch would give −inf

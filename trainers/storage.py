@@ -153,6 +153,7 @@ def default_run_name(cfg: RunConfig) -> str:
     canon = canonical_paths(cfg)
     key: dict[str, Any] = {name: named_fields(getattr(canon, name)) for name in canon.to_dict()
                            if name not in NOT_IN_NAME}
+    key = {name: fields for name, fields in key.items() if fields}  # a section added later, at its defaults
     key["seed"] = cfg.trainer.seed
     if cfg.trainer.init_from:  # a fine-tuning run is another experiment than the same config from scratch
         key["init_from"] = canonical_paths(cfg).trainer.init_from
