@@ -326,6 +326,7 @@ def test_git_commit_in_a_checkout_and_unknown_outside(monkeypatch, tmp_path):
 def test_media_keys_have_no_pipe():
     first = (torch.zeros(1, 8, 8),) * 3
     assert all("|" not in k for k in model_panels(torch.nn.Identity(), first))
+    assert set(model_panels(torch.nn.Identity(), first, restoration=True)) == {"val/measurement-reconstruction-clean"}
     assert media_key("val/noisy|denoised|clean") == "val/noisy-denoised-clean"
 
 

@@ -531,7 +531,7 @@ def validate(run: Run) -> dict[str, float]:
                           step=step)
     run.say(f"step {step}: val psnr {res['psnr']:.3f} dB, ssim {res['ssim']:.4f} "
             f"({len(run.val)} images, {run.clock.wall():.0f} s)")
-    run.tracker.log_images(model_panels(model, res["first"]), step=step)
+    run.tracker.log_images(model_panels(model, res["first"], cfg.task.kind != "denoise"), step=step)
     return metrics
 
 

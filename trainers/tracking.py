@@ -216,10 +216,13 @@ def side_by_side(*images: Tensor) -> np.ndarray:
     return np.concatenate([to_uint8(x) for x in images], axis=1)
 
 
-def model_panels(model: torch.nn.Module, first: tuple[Tensor, Tensor, Tensor] | None) -> dict[str, np.ndarray]:
+def model_panels(model: torch.nn.Module, first: tuple[Tensor, Tensor, Tensor] | None,
+                 restoration: bool = False) -> dict[str, np.ndarray]:
+    """The first validation image side by side (a restoration task's measurement shown as Aᵀy) and the atoms."""
     panels = {}
     if first is not None:
-        panels["val/noisy-denoised-clean"] = side_by_side(*first)
+        panels["val/measurement-reconstruction-clean" if restoration else "val/noisy-denoised-clean"] = \
+            side_by_side(*first)
     if isinstance(model, HasDictionary):
         panels["model/atoms"] = atom_grid(model.dictionary())
     return panels
