@@ -121,14 +121,15 @@ def _stderr_is_terminal() -> bool:
     return bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
-def progress_bar(a: argparse.Namespace, total: int, what: str) -> Callable[[Iterable[Any]], Iterable[Any]] | None:
+def progress_bar(a: argparse.Namespace, total: int, what: str, unit: str = "image"
+                 ) -> Callable[[Iterable[Any]], Iterable[Any]] | None:
     """A tqdm bar on stderr over ``total`` images (what the library loops take as ``progress``), or None:
     under ``--quiet`` or when stderr is not a terminal (a log file, a pipe, a script's capture)."""
     if a.quiet or not _stderr_is_terminal():
         return None
     from tqdm import tqdm  # here, not at the top: ~0.1 s, and only a terminal run needs it
 
-    return lambda it: tqdm(it, total=total, desc=what, unit="image", file=sys.stderr, leave=False,
+    return lambda it: tqdm(it, total=total, desc=what, unit=unit, file=sys.stderr, leave=False,
                            dynamic_ncols=True)
 
 
@@ -339,8 +340,13 @@ def cmd_report(a: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(a.threads)
+
+    def trial_bar(trials: list[dict]) -> Iterable[dict]:  # the trials are known once the report read the sweep
+        bar = progress_bar(a, len(trials), "report", unit="trial")
+        return bar(trials) if bar is not None else trials
+
     out = make_report(a.sweep_dir, test_dir, images=a.images, size=a.size, repeats=a.repeats, out=a.out,
-                      wandb_mode=a.wandb_mode)
+                      wandb_mode=a.wandb_mode, progress=trial_bar)
     print(Path(out["files"]["markdown"]).read_text(), file=sys.stderr)
     _print_json({k: v for k, v in out.items() if k != "rows"})
     return 0
@@ -458,6 +464,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=0, help="torch threads for the latency (0: torch default)")
     s.add_argument("--out", type=Path, help="output folder (default: SWEEP_DIR/report)")
     s.add_argument("--wandb-mode", choices=("auto", "online", "offline", "disabled"), help="default: the sweep's")
+    s.add_argument("--quiet", "-q", action="store_true", help=QUIET_HELP)
     s.set_defaults(fn=cmd_report)
     add_launch(sub)  # sparsefold/launch.py
     return p

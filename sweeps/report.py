@@ -22,6 +22,7 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeGuard
 
@@ -150,14 +151,16 @@ def measure(model: torch.nn.Module, channels: int, size: int, sigma: float, repe
     return counter.get_total_flops() / (size * size), 1000 * statistics.median(times)
 
 
-def build_rows(sweep_dir: Path, spec: SweepSpec, test_files: list[Path], size: int, repeats: int) -> list[dict]:
+def build_rows(sweep_dir: Path, spec: SweepSpec, test_files: list[Path], size: int, repeats: int,
+               progress: Callable[[list[dict]], Iterable[dict]] | None = None) -> list[dict]:
+    """One row per trial (best checkpoint, cost, test PSNR); ``progress`` wraps the trial loop (a CLI bar)."""
     from sparsefold.models import build_model, count_parameters
     from sparsefold.trainers.checkpoint import load_model
     from sparsefold.trainers.evaluate import evaluate_images
 
     cache: dict[str, tuple] = {}
     rows = []
-    for t in collect_trials(sweep_dir, spec):
+    for t in (progress or iter)(collect_trials(sweep_dir, spec)):
         cfg = spec.trial_config(t["params"], t["trial_id"])
         ckpt, state, last = best_checkpoint(Path(t["run_dir"]), cfg.trainer.val_every, cfg.trainer.max_steps)
         model = load_model(ckpt)[0] if ckpt else build_model(cfg.model)
@@ -238,8 +241,10 @@ def write_tables(rows: list[dict], keys: list[str], out: Path) -> list[str]:
 
 
 def make_report(sweep_dir: Path, test_dir: Path | None = None, images: int = 0, size: int = 256,
-                repeats: int = 5, out: Path | None = None, wandb_mode: str | None = None) -> dict[str, Any]:
-    """Write report.{csv,md,json} and pareto.png into ``out`` (default ``<sweep_dir>/report``)."""
+                repeats: int = 5, out: Path | None = None, wandb_mode: str | None = None,
+                progress: Callable[[list[dict]], Iterable[dict]] | None = None) -> dict[str, Any]:
+    """Write report.{csv,md,json} and pareto.png into ``out`` (default ``<sweep_dir>/report``); ``progress``
+    wraps the loop over the trials."""
     from sparsefold.datasets import list_images
 
     sweep_dir = Path(sweep_dir).resolve()
@@ -247,7 +252,7 @@ def make_report(sweep_dir: Path, test_dir: Path | None = None, images: int = 0, 
     out = Path(out or sweep_dir / "report")
     out.mkdir(parents=True, exist_ok=True)
     test_files = list_images(test_dir)[: images or None] if test_dir else []
-    rows = build_rows(sweep_dir, spec, test_files, size, repeats)
+    rows = build_rows(sweep_dir, spec, test_files, size, repeats, progress)
     keys = [d.key for d in spec.space]
     noise = spec.base_config().noise
     y = "test_psnr" if test_files and any(_finite(r["test_psnr"]) for r in rows) else "best_val_psnr"

@@ -198,15 +198,18 @@ def test_tiny_sweep_survives_a_failing_trial(finished_sweep):
 
 
 @pytest.mark.ray
-def test_report_table_and_pareto_png(finished_sweep, capsys):
+def test_report_table_and_pareto_png(finished_sweep, capsys, monkeypatch):
     from sparsefold.cli import main
 
     _, sweep_dir, _, summary = finished_sweep
     test_dir = SHARED / "set12"
     args = ["report", str(sweep_dir), "--images", "2", "--size", "64", "--repeats", "2"]
     args += ["--test-dir", str(test_dir)] if test_dir.is_dir() else ["--no-test"]
+    monkeypatch.setattr("sparsefold.cli._stderr_is_terminal", lambda: True)  # the progress bar over the trials
     assert main(args) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    captured = capsys.readouterr()
+    assert "report:" in captured.err and "3/3" in captured.err, captured.err
+    out = json.loads(captured.out.strip().splitlines()[-1])
     files = {k: Path(v) for k, v in out["files"].items()}
     assert files["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and files["png"].stat().st_size > 10_000
     rows = json.loads(files["json"].read_text())["rows"]
