@@ -103,13 +103,19 @@ def evaluate_task(model: nn.Module, files: list[Path], task: TaskConfig, noise: 
         if keep_first and i == 0:
             first = (zero_filled, out, x)
     model.train(was_training)
-    n = max(len(files), 1)
-    res = {"psnr": sum(psnrs) / n, "ssim": sum(ssims) / n if ssims else float("nan"), "input_psnr": sum(inputs) / n,
-           "images": len(files), "sec_per_image": sum(secs) / n, "cpu_sec_per_image": sum(cpu) / n,
-           "per_image": [{"file": f.name, "psnr": p} for f, p in zip(files, psnrs)]}
+    res = _scores(files, psnrs, ssims, inputs, secs, cpu)
     if keep_first:
         res["first"] = first
     return res
+
+
+def _scores(files: list[Path], psnrs: list[float], ssims: list[float], inputs: list[float], secs: list[float],
+            cpu: list[float]) -> dict:
+    """The means of an evaluation's per-image lists (NaN for no images) and its per-image PSNR table."""
+    mean = lambda v: sum(v) / len(v) if v else float("nan")  # noqa: E731
+    return {"psnr": mean(psnrs), "ssim": mean(ssims), "input_psnr": mean(inputs), "images": len(files),
+            "sec_per_image": mean(secs), "cpu_sec_per_image": mean(cpu),
+            "per_image": [{"file": f.name, "psnr": p} for f, p in zip(files, psnrs)]}
 
 
 @torch.inference_mode()
@@ -166,16 +172,7 @@ def evaluate_images(
         if keep_first and i == 0:
             first = (y.clamp(0, 1), out, x)
     model.train(was_training)
-    n = len(files)
-    res = {
-        "psnr": sum(psnrs) / n if n else float("nan"),
-        "ssim": sum(ssims) / n if ssims else float("nan"),
-        "input_psnr": sum(psnr(y, x) for x, y in zip(clean, noisy)) / n if n else float("nan"),
-        "images": n,
-        "sec_per_image": sum(secs) / n if n else float("nan"),
-        "cpu_sec_per_image": sum(cpu) / n if n else float("nan"),
-        "per_image": [{"file": f.name, "psnr": p} for f, p in zip(files, psnrs)],
-    }
+    res = _scores(files, psnrs, ssims, [psnr(y, x) for x, y in zip(clean, noisy)], secs, cpu)
     if keep_first:
         res["first"] = first
     return res
