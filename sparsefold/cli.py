@@ -6,6 +6,7 @@
     sparsefold train [CONFIG.yaml] [section.key=value ...] [--print-config]
     sparsefold evaluate CHECKPOINT DATA_DIR [--sigma 25] [--images N] [--quiet]
     sparsefold denoise [CHECKPOINT] INPUT OUTPUT [--quiet]
+    sparsefold restore CHECKPOINT INPUT OUTPUT [--mask M] [--kernel K] [--simulate]   # sr, deblur, inpaint, csmri
     sparsefold models [--json]
     sparsefold export CHECKPOINT OUT.onnx|OUT.pt
     sparsefold import FAMILY SRC OUT [--sigma S] [--overwrite]    # an official release -> a checkpoint
@@ -259,6 +260,43 @@ def cmd_denoise(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_restore(a: argparse.Namespace) -> int:
+    """``denoise`` for any task: the checkpoint's operator (trainers/restore.py), or ``--simulate`` from clean
+    images. Outputs, and ``--measurement`` files, are planned and checked before the model loads."""
+    from sparsefold.datasets.images import plan_outputs
+    from sparsefold.trainers.checkpoint import load_model
+    from sparsefold.trainers.evaluate import denoise_path
+    from sparsefold.trainers.restore import restore_path
+
+    check_sigma(a.sigma)
+    pairs = plan_outputs(a.input, a.output, overwrite=a.overwrite)
+    shown = plan_outputs(a.input, a.measurement, overwrite=a.overwrite) if a.measurement else []
+    clash = {t.resolve() for _, t in pairs} & {t.resolve() for _, t in shown}
+    if clash:
+        raise InputError(f"{sorted(clash)[0]}: --measurement and OUTPUT name the same file; give another")
+    if a.simulate and (a.mask or a.kernel):
+        raise InputError("--mask/--kernel describe a real measurement; --simulate draws them as evaluate does")
+    model, meta = load_model(a.checkpoint)
+    task = dataclass_from_dict(TaskConfig, meta.get("run", {}).get("task", {}), "task")  # what it was trained for
+    gray = meta["model"].get("channels", 1) == 1
+    bar = progress_bar(a, len(pairs), "restore") if Path(a.input).is_dir() else None
+    if task.kind == "denoise" and not a.simulate:  # exactly ``denoise`` (tiles, any size)
+        written, failed = denoise_path(model, pairs, gray=gray, sigma=a.sigma, progress=bar)
+        for _, why in failed:
+            print(f"error: {why}", file=sys.stderr)
+        for p in written:
+            print(p)
+        return 2 if failed else 0
+    done = restore_path(model, pairs, task, noise_for(a, meta), gray=gray, simulate=a.simulate, seed=a.seed,
+                        mask=a.mask, kernel=a.kernel, measurements=[t for _, t in shown] or None, progress=bar)
+    for r in done:
+        if r.psnr is not None:
+            print(f"[sparsefold] {r.source.name}: A^T y {r.input_psnr:.2f} dB -> {r.psnr:.2f} dB ({task.kind})",
+                  file=sys.stderr)
+        print(r.target)
+    return 0
+
+
 def cmd_import(a: argparse.Namespace) -> int:
     """An authors' release -> a checkpoint directory (``trainers/importers.py``); SRC is only read."""
     from sparsefold.trainers.importers import import_release
@@ -425,6 +463,28 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-memory", type=memory_size, help=MAX_MEMORY_HELP)
     s.add_argument("--quiet", "-q", action="store_true", help=QUIET_HELP + " (a folder: one step per image)")
     s.set_defaults(fn=cmd_denoise)
+    s = sub.add_parser("restore", help="restore a measurement (super-resolution, deblurring, inpainting, CS-MRI) "
+                       "with a model trained for that task",
+                       description="The operator is the checkpoint's training task (task.kind): sr takes the "
+                       "low-resolution image; deblur the blurred image (--kernel, or a Gaussian task's own kernel); "
+                       "inpaint the image and --mask; csmri a complex (H, W) k-space .npy in fft2(norm='ortho') "
+                       "layout and --mask. --simulate instead degrades clean INPUT images as evaluate does and "
+                       "prints the PSNR of A^T y and of the result. A denoising checkpoint denoises. Outputs follow "
+                       "denoise's rules (never an input, no existing file without --overwrite).")
+    s.add_argument("checkpoint", help="a checkpoint trained for a task (run folder, checkpoint folder or bundled name)")
+    s.add_argument("input", help="a measurement (or, with --simulate, a clean image), or a folder of them")
+    s.add_argument("output", help="the output file, or folder for a folder INPUT")
+    s.add_argument("--mask", help="inpaint/csmri: the mask of measured pixels/k-space entries (.npy or image, "
+                   "non-zero = measured)")
+    s.add_argument("--kernel", help="deblur: the blur kernel (.npy or gray image, odd square, normalized to sum 1)")
+    s.add_argument("--simulate", action="store_true", help="INPUT is clean: draw y = A x + n by the evaluation "
+                   "convention (--seed) and report PSNRs")
+    s.add_argument("--measurement", help="also write A^T y (clipped) here: a file, or a folder for a folder INPUT")
+    s.add_argument("--sigma", type=float, help="noise σ (0..255) of y; default: the checkpoint's training σ")
+    s.add_argument("--seed", type=int, default=0, help="--simulate: the generator's seed (default 0)")
+    s.add_argument("--overwrite", action="store_true", help="replace existing output files (never an input)")
+    s.add_argument("--quiet", "-q", action="store_true", help=QUIET_HELP + " (a folder: one step per image)")
+    s.set_defaults(fn=cmd_restore)
     s = sub.add_parser("import", help="turn the authors' released weights into a sparsefold checkpoint",
                        description="FAMILY cscnet: a drorsimon/CSCNet sigma_*.model with its .config beside it; "
                        "dncnn: a cszn/DnCNN model.pth (a whole pickled module, read by a restricted unpickler: "
@@ -470,9 +530,10 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-TENSOR_COMMANDS = ("evaluate", "denoise", "report")  # train: the loop sets the allocator (runtime_for)
+TENSOR_COMMANDS = ("evaluate", "denoise", "restore", "report")  # train: the loop sets the allocator (runtime_for)
 OOM_HINTS = {"train": "lower data.batch_size or data.patch_size",
-             "evaluate": "lower --max-memory or use smaller images", "denoise": "lower --max-memory"}
+             "evaluate": "lower --max-memory or use smaller images", "denoise": "lower --max-memory",
+             "restore": "use a smaller image (restore runs an image whole)"}
 PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError)
 
 

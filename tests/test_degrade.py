@@ -4,13 +4,17 @@ exact operator carried with the batch, the evaluation convention, and the config
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from sparsefold.config import NoiseConfig, TaskConfig, load_config
+from sparsefold.datasets import load_image, save_image
 from sparsefold.datasets.degrade import degrade, join, make_operator, split
 from sparsefold.errors import ConfigError
+from sparsefold.trainers.checkpoint import load_model
 from sparsefold.trainers.evaluate import measured_versions
 
 TASKS = [TaskConfig(kind="inpaint"), TaskConfig(kind="inpaint", mask="blocks", block=8, holes=2),
@@ -117,3 +121,61 @@ def test_a_restoration_task_trains_and_evaluates_through_the_cli(task, tiny_over
     assert scored["task"] == task[0].split("=")[1]
     assert scored["psnr"] == pytest.approx(run["val_psnr"], abs=1e-6)  # validation is the same convention
     assert scored["psnr"] > scored["input_psnr"] + 0.5, scored  # 30 steps: +0.8 (deblur) to +9 dB (inpaint)
+    _restore_matches_evaluate(run["checkpoint"], val, task[0].split("=")[1], scored["psnr"], tmp_path, capsys)
+
+
+def _restore_matches_evaluate(checkpoint: str, val: Path, kind: str, psnr: float, tmp_path: Path, capsys) -> None:
+    """``restore --simulate`` draws y as ``evaluate`` does (same PSNR); ``restore`` of that y written to files
+    (image + --mask / --kernel, k-space .npy) gives the same restoration; missing --mask is one line."""
+    from sparsefold.cli import main
+
+    out = tmp_path / "restored"
+    assert main(["restore", checkpoint, str(val), str(out), "--simulate", "--sigma", "5",
+                 "--measurement", str(tmp_path / "aty")]) == 0
+    err = capsys.readouterr().err
+    assert f"-> {psnr:.2f} dB ({kind})" in err, err
+    assert (tmp_path / "aty" / "camera.png").is_file()
+    assert main(["restore", checkpoint, str(val), str(out), "--simulate"]) == 2  # exists: never replaced
+    assert "exists" in capsys.readouterr().err
+
+    _, meta = load_model(checkpoint)
+    task = TaskConfig(**meta["run"]["task"])
+    x, y, _, op = measured_versions([load_image(val / "camera.png")], task, NoiseConfig(sigma=5))[0]
+    extra, src = [], tmp_path / "y.png"
+    if kind == "csmri":
+        src = tmp_path / "y.npy"
+        np.save(src, y[0, 0].numpy())
+        np.save(tmp_path / "mask.npy", op.params()["mask"][0, 0].numpy())
+        extra = ["--mask", str(tmp_path / "mask.npy")]
+    else:
+        save_image(y[0].clamp(0, 1), src)  # 8-bit: the restoration moves by the quantization only
+        if kind == "inpaint":
+            save_image(op.params()["mask"][0], tmp_path / "mask.png")
+            extra = ["--mask", str(tmp_path / "mask.png")]
+        if kind == "deblur":
+            np.save(tmp_path / "kernel.npy", op.params()["kernel"][0, 0].numpy())
+            extra = ["--kernel", str(tmp_path / "kernel.npy")]
+    if kind in ("inpaint", "csmri"):
+        assert main(["restore", checkpoint, str(src), str(tmp_path / "r.png")]) == 2
+        assert capsys.readouterr().err.strip().startswith(f"error: task {kind}: give the mask")
+    assert main(["restore", checkpoint, str(src), str(tmp_path / "r.png"), "--sigma", "5", *extra]) == 0
+    restored = load_image(tmp_path / "r.png")
+    simulated = load_image(out / "camera.png")
+    assert restored.shape == x.shape
+    assert (restored - simulated).abs().mean() < (0 if kind == "csmri" else 2) / 255 + 1e-6
+
+
+def test_restore_with_a_denoiser_is_denoise(tmp_path, capsys) -> None:
+    """``restore`` generalizes ``denoise``: a denoising checkpoint gives denoise's output, file for file."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    from sparsefold.cli import main
+
+    src = tmp_path / "noisy.png"
+    Image.fromarray(skdata.camera()[:64, :80]).save(src)
+    assert main(["denoise", "cscnet", str(src), str(tmp_path / "d.png"), "--sigma", "25"]) == 0
+    assert main(["restore", "cscnet", str(src), str(tmp_path / "r.png"), "--sigma", "25"]) == 0
+    assert capsys.readouterr().out.split() == [str(tmp_path / "d.png"), str(tmp_path / "r.png")]
+    assert torch.equal(load_image(tmp_path / "d.png"), load_image(tmp_path / "r.png"))
+    assert main(["restore", "cscnet", str(src), str(tmp_path / "x.png"), "--simulate", "--mask", str(src)]) == 2

@@ -76,8 +76,11 @@ def measured_versions(clean: list[Tensor], task: TaskConfig, noise: NoiseConfig,
 
 def restore(model: nn.Module, y: Tensor, op: Operator, sigma: Tensor | None, device: torch.device | str = "cpu"
             ) -> Tensor:
-    """x̂ (C, H, W), clipped, of a restoration model for one measurement y (1, ...) of ``op``."""
+    """x̂ (C, H, W), clipped, of a restoration model for one measurement y (1, ...) of ``op`` (a denoiser
+    for op = Identity)."""
     s = None if sigma is None else sigma.to(device)
+    if not getattr(model, "takes_operator", False):  # a denoiser: A = I
+        return model(y.to(device), s).squeeze(0).float().cpu().clamp_(0, 1)
     return model(y.to(device), s, op=make_operator(op.name, op.params(), device)).squeeze(0).float().cpu().clamp_(0, 1)
 
 
@@ -191,7 +194,7 @@ def denoise_path(model: nn.Module, pairs: list[tuple[Path, Path]], gray: bool = 
     model``: test-time adaptation per image. ``max_memory``: bytes per forward pass (see :func:`denoise`).
     ``progress`` wraps the per-image loop (the CLI's progress bar)."""
     for folder in {target.parent for _, target in pairs}:
-        _check_writable(folder)
+        check_writable(folder)
     model.eval()
     written: list[Path] = []
     failed: list[tuple[Path, str]] = []
@@ -214,7 +217,7 @@ def denoise_path(model: nn.Module, pairs: list[tuple[Path, Path]], gray: bool = 
     return written, failed
 
 
-def _check_writable(folder: Path) -> None:
+def check_writable(folder: Path) -> None:
     """Create ``folder`` if needed; InputError when that fails or it is not writable."""
     try:
         folder.mkdir(parents=True, exist_ok=True)

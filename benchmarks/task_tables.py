@@ -1,0 +1,207 @@
+"""Restoration beyond denoising, measured (issue 18): learned vs classical, one table per task, one run.
+
+Every learned model is trained by ``sparsefold train`` on train400 patches under the same process-CPU budget
+(``trainer.budget_cpu_seconds``, 1 thread), and scored by ``sparsefold evaluate`` (its training task, the
+restoration convention of ``trainers/evaluate.py``: one generator seeded 0, the operator's draws then the
+noise, image after image). The classical references run on the very same measurements
+(``measured_versions``) in this process:
+
+    ======  ====================================  =========================================  ==============
+    task    test images                           classical                                  learned
+    ======  ====================================  =========================================  ==============
+    csmri   BSD68 256² centre crops; the          zero-filled Aᵀy; FISTA-TV                  admmnet, pgnet
+            Shepp–Logan phantom (256²)
+    sr      Set12, ×2 and ×4 (bicubic filter)     bicubic up-sampling                        pgnet, vdsr
+    deblur  Set12, Gaussian and motion kernels    FISTA-TV                                   pgnet
+    inpaint Set12, 50 % of the pixels missing     Aᵀy (masked); FISTA-TV                     pgnet
+    ======  ====================================  =========================================  ==============
+
+FISTA-TV's λ is the best of a grid on 4 BSD432 images (not test images) measured the same way; it runs
+``--fista-iters`` iterations of 5 dual (FGP) steps each; the json records the tuning images' PSNR at twice as
+many iterations, to show it has converged (within 0.02 dB in a check at 100 → 300 × 20 on Set12).
+The crops and the phantom are written under ``--work`` (outside the repository).
+
+    python benchmarks/task_tables.py [--budget 300] [--only csmri,sr,deblur,inpaint] [--work /tmp/sparsefold-tasks]
+
+Writes benchmarks/results/task_tables/ROW.json per row (so rows can run in parallel processes) and prints
+the markdown tables of every row measured so far (``--table`` prints them without measuring).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sparsefold.config import NoiseConfig, TaskConfig
+from sparsefold.datasets import list_images, load_image
+from sparsefold.models.classical import bicubic_upsample, fista_tv
+from sparsefold.trainers.evaluate import measured_versions, psnr, ssim
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+RESULTS = ROOT / "benchmarks" / "results" / "task_tables"
+LAMBDAS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+TV_ITERS = 5
+LR = {"pgnet": 2e-3, "admmnet": 2e-3, "vdsr": 1e-3}
+MODEL = {"pgnet": [], "admmnet": [], "vdsr": []}  # the default (paper) configurations
+
+# name -> (task overrides, noise σ, test sets, classical references, learned models)
+ROWS: dict[str, tuple[list[str], float, list[str], list[str], list[str]]] = {
+    "csmri_20": (["task.kind=csmri", "task.rate=0.2"], 0.0, ["bsd68_crop256", "phantom"], ["zero_filled", "fista_tv"],
+                 ["admmnet", "pgnet"]),
+    "csmri_33": (["task.kind=csmri", "task.rate=0.33"], 0.0, ["bsd68_crop256", "phantom"],
+                 ["zero_filled", "fista_tv"], ["admmnet", "pgnet"]),
+    "sr_x2": (["task.kind=sr", "task.factor=2"], 0.0, ["set12"], ["bicubic"], ["pgnet", "vdsr"]),
+    "sr_x4": (["task.kind=sr", "task.factor=4"], 0.0, ["set12"], ["bicubic"], ["pgnet", "vdsr"]),
+    "deblur_gaussian": (["task.kind=deblur", "task.kernel=gaussian"], 2.55, ["set12"], ["fista_tv"], ["pgnet"]),
+    "deblur_motion": (["task.kind=deblur", "task.kernel=motion"], 2.55, ["set12"], ["fista_tv"], ["pgnet"]),
+    "inpaint_50": (["task.kind=inpaint", "task.keep=0.5"], 2.55, ["set12"], ["zero_filled", "fista_tv"], ["pgnet"]),
+}
+
+
+def sparsefold(*args: str) -> dict:
+    """Run ``python -m sparsefold ARGS``; its last stdout line is JSON."""
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "sparsefold", *args], capture_output=True, text=True, cwd=ROOT)
+    if r.returncode:
+        sys.exit(f"sparsefold {' '.join(args)} failed:\n{r.stderr[-3000:]}")
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def test_sets(work: Path) -> dict[str, Path]:
+    """Set12 as it is; BSD68 256² centre crops and the 256² phantom written once under ``work``."""
+    crops, phantom = work / "bsd68_crop256", work / "phantom"
+    if not crops.is_dir():
+        crops.mkdir(parents=True)
+        for f in list_images(DATA / "bsd68"):
+            im = np.asarray(Image.open(f).convert("L"))
+            top, left = (im.shape[0] - 256) // 2, (im.shape[1] - 256) // 2
+            Image.fromarray(im[top:top + 256, left:left + 256]).save(crops / f"{f.stem}.png")
+    if not phantom.is_dir():
+        from skimage.data import shepp_logan_phantom
+        from skimage.transform import resize
+
+        phantom.mkdir(parents=True)
+        x = resize(shepp_logan_phantom(), (256, 256), anti_aliasing=True)
+        Image.fromarray(np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)).save(phantom / "shepp_logan.png")
+    return {"set12": DATA / "set12", "bsd68_crop256": crops, "phantom": phantom}
+
+
+def task_of(overrides: list[str]) -> TaskConfig:
+    return TaskConfig(**{o.split("=")[0][5:]: _value(o.split("=")[1]) for o in overrides})
+
+
+def _value(v: str) -> str | float | int:
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def score(files: list[Path], task: TaskConfig, sigma: float, method: Callable) -> dict:
+    """Mean PSNR/SSIM of ``method(y, op)`` over ``files`` by the restoration convention, and CPU-s per image."""
+    clean = [load_image(f) for f in files]
+    ps, ss, c0 = [], [], time.process_time()
+    for x, y, _, op in measured_versions(clean, task, NoiseConfig(sigma=sigma)):
+        with torch.no_grad():
+            out = method(y, op).squeeze(0).clamp(0, 1)
+        ps.append(psnr(out, x))
+        ss.append(ssim(out, x))
+    return {"psnr": float(np.mean(ps)), "ssim": float(np.mean(ss)), "images": len(files),
+            "cpu_sec_per_image": (time.process_time() - c0) / len(files)}
+
+
+def classical(name: str, task: TaskConfig, lam: float, iters: int) -> Callable:
+    if name == "zero_filled":
+        return lambda y, op: op.A_adjoint(y)
+    if name == "bicubic":
+        return lambda y, op: bicubic_upsample(y, task.factor)
+    return lambda y, op: fista_tv(y, op, lam, iters=iters, tv_iters=TV_ITERS)
+
+
+def tune_lambda(task: TaskConfig, sigma: float, iters: int) -> dict:
+    """The FISTA-TV λ of the grid with the best mean PSNR on 4 BSD432 images (not test images), and its PSNR
+    there at twice the iterations."""
+    files = list_images(DATA / "bsd432")[:4]
+    grid = {lam: score(files, task, sigma, classical("fista_tv", task, lam, iters))["psnr"] for lam in LAMBDAS}
+    lam = max(grid, key=grid.__getitem__)
+    twice = score(files, task, sigma, classical("fista_tv", task, lam, 2 * iters))["psnr"]
+    return {"lambda": lam, "iters": iters, "tv_iters": TV_ITERS, "tuning_psnr": grid, "twice_iters_psnr": twice}
+
+
+def train(model: str, task: list[str], sigma: float, budget: float, work: Path, name: str) -> dict:
+    run = work / "runs" / f"{name}-{model}"
+    over = [f"model.name={model}", *MODEL[model], *task, f"noise.sigma={sigma}",
+            f"data.train={DATA / 'train400'}", f"data.val={DATA / 'bsd432'}", "data.val_images=2",
+            "data.patch_size=64", "data.batch_size=8", "data.num_workers=1", f"optim.lr={LR[model]}",
+            "trainer.max_steps=1000000", f"trainer.budget_cpu_seconds={budget}", "trainer.val_every=1000000",
+            "trainer.ckpt_every=1000000", f"trainer.output_dir={run.parent}", f"trainer.run_name={run.name}",
+            "trainer.progress=false", "wandb.mode=disabled", "runtime.threads=1"]
+    out = sparsefold("train", *over)
+    return {k: out.get(k) for k in ("steps", "seconds", "cpu_seconds", "checkpoint", "val_psnr")} | {"overrides": over}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--budget", type=float, default=300.0, help="process CPU-seconds of training per learned model")
+    p.add_argument("--only", default=",".join(ROWS), help="comma-separated rows (default: all)")
+    p.add_argument("--images", type=int, default=0, help="first N images of each test set (0: all)")
+    p.add_argument("--fista-iters", type=int, default=100)
+    p.add_argument("--table", action="store_true", help="only print the tables of the rows measured so far")
+    p.add_argument("--work", type=Path, default=Path("/tmp/sparsefold-tasks"))
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for name in [] if a.table else a.only.split(","):
+        sets = test_sets(a.work)
+        over, sigma, data, refs, learned = ROWS[name]
+        task = task_of(over)
+        row: dict = {"task": over, "sigma": sigma, "budget_cpu_seconds": a.budget, "scores": {}, "train": {}}
+        row["fista_tv"] = tune_lambda(task, sigma, a.fista_iters) if "fista_tv" in refs else {}
+        lam = row["fista_tv"].get("lambda", 0.0)
+        for model in learned:
+            row["train"][model] = train(model, over, sigma, a.budget, a.work, name)
+        for ds in data:
+            files = list_images(sets[ds])[: a.images or None]
+            cell = row["scores"][ds] = {}
+            for ref in refs:
+                cell[ref] = score(files, task, sigma, classical(ref, task, lam, a.fista_iters))
+            for model in learned:
+                ckpt = row["train"][model]["checkpoint"]
+                args = ["evaluate", ckpt, str(sets[ds]), "--sigma", str(sigma), "--images", str(a.images)]
+                cell[model] = {k: v for k, v in sparsefold(*args).items() if k in ("psnr", "ssim", "images",
+                                                                                   "cpu_sec_per_image", "params")}
+            print(json.dumps({name: {ds: {k: round(v["psnr"], 2) for k, v in cell.items()}}}), flush=True)
+        row["command"] = " ".join(["python", "benchmarks/task_tables.py", *sys.argv[1:]])
+        row["date"] = time.strftime("%Y-%m-%d")
+        (RESULTS / f"{name}.json").write_text(json.dumps(row, indent=1, default=str) + "\n")
+    done = {n: json.loads((RESULTS / f"{n}.json").read_text()) for n in ROWS if (RESULTS / f"{n}.json").is_file()}
+    print(markdown(done))
+
+
+def markdown(rows: dict) -> str:
+    lines = []
+    for name, row in rows.items():
+        for ds, cell in row["scores"].items():
+            cols = list(cell)
+            lines += [f"\n{name} on {ds} (σ={row['sigma']}, {row['budget_cpu_seconds']:.0f} CPU-s per learned model)",
+                      "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols),
+                      "| " + " | ".join(f"{cell[c]['psnr']:.2f} / {cell[c]['ssim']:.3f}" for c in cols) + " |"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
