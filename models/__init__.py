@@ -66,6 +66,11 @@ MODELS: dict[str, ModelEntry] = {
                         "non-local 2-scale separable patch denoiser, LIDIA (Vaksman et al. 2020)", 61_589),
     "pgnet": ModelEntry("pgnet", "PGNet", "PGNetConfig",
                         "unfolded proximal gradient, conv. sparse prior, any operator A (restoration tasks)", 34_859),
+    "admmnet": ModelEntry("admmnet", "ADMMNet", "ADMMNetConfig",
+                          "ADMM unfolded, learned filters and piecewise-linear shrinkage, CS-MRI (Yang et al. 2016)",
+                          14_352),
+    "vdsr": ModelEntry("vdsr", "VDSR", "VDSRConfig",
+                       "20-layer residual CNN on the bicubic-upsampled image, SR baseline (Kim et al. 2016)", 665_921),
 }
 
 # ``from sparsefold.models import CSCNet``: every registered class name -> the file that defines it.

@@ -72,7 +72,8 @@ class Restorer(Protocol):
     """A model for y = A x + n with a known operator (``task.kind`` other than denoise):
     ``forward(y, sigma=None, op=None)``, ``op`` a :class:`~.operators.Operator` (None: A = I), ``y`` of the
     measurement's shape (smaller for super-resolution, complex for MRI), x̂ of the image's. A class attribute
-    ``takes_operator = True``, so that config validation can check the class without building a model."""
+    ``takes_operator = True``, so that config validation can check the class without building a model; a
+    model that serves only some tasks also lists them in ``task_kinds`` (a tuple of ``task.kind`` values)."""
 
     takes_operator: bool
 

@@ -462,7 +462,12 @@ class RunConfig:
         if task.kind == "denoise":
             return
         check(module is not None and getattr(module, "takes_operator", False), "task.kind",
-              f"{task.kind} needs a model that takes the forward operator (pgnet); {self.model.name!r} does not")
+              f"{task.kind} needs a model that takes the forward operator "
+              f"({', '.join(n for n, e in MODELS.items() if getattr(e.module, 'takes_operator', False))}); "
+              f"{self.model.name!r} does not")
+        kinds = getattr(module, "task_kinds", None)
+        check(kinds is None or task.kind in kinds, "task.kind",
+              f"model {self.model.name!r} serves task.kind {', '.join(kinds or ())}, not {task.kind}")
         check(self.noise.kind == "gaussian", "noise.kind",
               f"task.kind={task.kind} adds Gaussian noise to A x; got {self.noise.kind!r}")
         check(self.loss.kind not in ("nll", "multilayer"), "loss.kind",

@@ -76,6 +76,7 @@ def test_evaluation_convention_is_seeded_in_order_and_crops_for_sr() -> None:
 
 @pytest.mark.parametrize(("overrides", "field"), [
     (["task.kind=inpaint"], "task.kind"),  # cscnet takes no operator
+    (["model.name=admmnet", "task.kind=deblur"], "task.kind"),  # admmnet: identity and MRI only
     (["task.kind=blur"], "task.kind"),
     (["task.kind=deblur", "task.kernel_size=8"], "task.kernel_size"),
     (["task.kind=sr", "task.factor=5"], "task.factor"),

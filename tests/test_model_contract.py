@@ -41,6 +41,8 @@ SMALL: dict[str, dict[str, Any]] = {
     "dcea_uc": dict(depth=3, filters=16, kernel_size=7, stride=4),
     "lidia": dict(window=7, neighbours=6, width=8, weight_layers=2),
     "pgnet": dict(depth=3, filters=8, kernel_size=5),
+    "admmnet": dict(depth=3),
+    "vdsr": dict(depth=4, features=8),
 }
 
 UNFOLDED = {Multilayer, Deepening, HasDictionary, CodeSparsity, Tiled}
@@ -54,6 +56,8 @@ CLAIMS: dict[str, set[type]] = {
     "lidia": {HasDictionary, CodeSparsity, Tiled},
     "dncnn": {HasDictionary, Tiled},
     "pgnet": {HasDictionary, Projected, Restorer},
+    "admmnet": {HasDictionary, Projected, Restorer},
+    "vdsr": {HasDictionary, Tiled, Restorer},
 }
 OPTIONAL = (Multilayer, Deepening, Likelihood, HasDictionary, CodeSparsity, Tiled, Projected, Restorer)
 NAMES = sorted(MODELS)

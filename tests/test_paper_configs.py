@@ -30,6 +30,8 @@ PAPER_PARAMS = {
     "deep_ksvd": 35_138,  # D 64·256 + MLP 18,689 + c + mask 64 (Deep-K-SVD DKSVD_train_model.py)
     "lidia": 61_589,  # the trainable tensors of LIDIA-denoiser models/model_state_sigma_25_bw.pt
     "dncnn": 556_096,  # DnCNN-S 17×64 with BatchNorm (DnCNN dncnn_pytorch/main_train.py)
+    "admmnet": 14_352,  # 16 X layers (8·8 + 8) + 15 × (C 8·8, Z 8·101, M 8) (Deep-ADMM-Net InitNet.m)
+    "vdsr": 665_921,  # 20 layers 3×3×64 with biases: the paper's "665k" (no training code released)
 }
 
 # The last step's learning rate where the recipe documents it.
@@ -38,6 +40,7 @@ FINAL_LR = {
     "lidia": 7.07e-4,  # the LIDIA checkpoints' final lr
     "cscnet": 1.2187421321234438e-4 * 0.7395198651814172 ** 4,  # CSCNet sigma_25.config: 4 decays in 250 epochs
     "dcea_c": 1e-3 * 0.8 ** 15,  # dea conf.py: x0.8 every 25 of 400 epochs: 15 decays by the last (torch < 1.1)
+    "vdsr": 0.1 * 800 * 1e-3,  # the paper's 0.1 -> 1e-4 (3 decays), at our loss scale (mean, not sum/2 of 40²)
 }
 
 
