@@ -5,6 +5,13 @@ convention), image by image alternating, and one paper-configuration training st
     python benchmarks/bf16_cost.py [--images 10] [--threads 2]
 
 Writes benchmarks/results/bf16_cost.json. Not part of the package.
+
+The PSNR cost of *training* in bf16: ``--train-steps N`` trains the time-to-quality recipe
+(``sparsefold/configs/cdlnet_one_cpu_hour.yaml``, CDLNet, σ=25) for N steps twice through the CLI, with
+``runtime.precision=fp32`` and ``bf16`` (same seed, same data order), and scores both checkpoints in fp32 with
+``sparsefold evaluate`` on all of BSD68 (the shared convention). Writes benchmarks/results/bf16_training_cost.json.
+
+    python benchmarks/bf16_cost.py --train-steps 2000 [--work /tmp/sparsefold-bf16]
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RELEASE = ROOT.parent / "shared" / "official" / "cscnet" / "trained_models" / "sigma_25.model"
 DATA = ROOT.parent / "shared" / "data" / "bsd68"
 OUT = ROOT / "benchmarks" / "results" / "bf16_cost.json"
+TRAIN_OUT = ROOT / "benchmarks" / "results" / "bf16_training_cost.json"
+RECIPE = ROOT / "sparsefold" / "configs" / "cdlnet_one_cpu_hour.yaml"
 
 
 @torch.inference_mode()
@@ -57,11 +68,41 @@ def train_step_seconds(bf16: bool, steps: int = 3) -> float:
     return statistics.median(times[1:])
 
 
+def sparsefold(*args: str) -> dict:
+    """Run ``python -m sparsefold ARGS``; its last stdout line is JSON."""
+    r = subprocess.run([sys.executable, "-m", "sparsefold", *args], capture_output=True, text=True, cwd=ROOT)
+    if r.returncode:
+        sys.exit(f"sparsefold {' '.join(args)} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def training_cost(steps: int, work: Path) -> None:
+    """fp32 vs bf16 training of the same recipe for ``steps`` steps, both scored in fp32 on BSD68."""
+    res: dict = {"recipe": str(RECIPE.relative_to(ROOT)), "steps": steps, "runs": {},
+                 "command": f"python benchmarks/bf16_cost.py --train-steps {steps}"}
+    for precision in ("fp32", "bf16"):
+        run = sparsefold("train", str(RECIPE), "trainer.budget_cpu_seconds=0", f"trainer.max_steps={steps}",
+                         f"runtime.precision={precision}", f"trainer.output_dir={work}",
+                         f"trainer.run_name=cdlnet-{precision}-{steps}", f"trainer.ckpt_every={steps}",
+                         "trainer.progress=false", "wandb.mode=disabled")
+        score = sparsefold("evaluate", run["checkpoint"], str(DATA), "--sigma", "25")
+        res["runs"][precision] = {"cpu_seconds": run.get("cpu_seconds"), "steps": run.get("steps"),
+                                  "cpu_s_per_step": run["cpu_seconds"] / steps, "bsd68_psnr": score["psnr"]}
+        print(json.dumps({precision: res["runs"][precision]}), flush=True)
+    res["psnr_cost_db"] = res["runs"]["fp32"]["bsd68_psnr"] - res["runs"]["bf16"]["bsd68_psnr"]
+    TRAIN_OUT.write_text(json.dumps(res, indent=1) + "\n")
+    print(json.dumps(res, indent=1))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--train-steps", type=int, default=0, help="measure the training cost instead (see above)")
+    p.add_argument("--work", type=Path, default=Path("/tmp/sparsefold-bf16"))
     a = p.parse_args()
+    if a.train_steps:
+        return training_cost(a.train_steps, a.work)
     torch.set_num_threads(a.threads)
     configure_process()
     files = list_images(DATA)[: a.images]
