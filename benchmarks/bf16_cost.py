@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from cli_run import sparsefold  # benchmarks/cli_run.py
 
 from sparsefold.datasets import gaussian_eval_noise, list_images, load_image
 from sparsefold.models import CSCNet, CSCNetConfig
@@ -66,14 +65,6 @@ def train_step_seconds(bf16: bool, steps: int = 3) -> float:
         opt.step()
         times.append(time.process_time() - c)
     return statistics.median(times[1:])
-
-
-def sparsefold(*args: str) -> dict:
-    """Run ``python -m sparsefold ARGS``; its last stdout line is JSON."""
-    r = subprocess.run([sys.executable, "-m", "sparsefold", *args], capture_output=True, text=True, cwd=ROOT)
-    if r.returncode:
-        sys.exit(f"sparsefold {' '.join(args)} failed:\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def training_cost(steps: int, work: Path) -> None:

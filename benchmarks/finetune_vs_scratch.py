@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from cli_run import sparsefold  # benchmarks/cli_run.py
 
 ROOT = Path(__file__).resolve().parents[1]
 RELEASE = ROOT.parent / "shared" / "official" / "cscnet" / "trained_models" / "sigma_25.model"
@@ -28,17 +28,6 @@ BSD432, BSD68 = ROOT.parent / "shared" / "data" / "bsd432", ROOT.parent / "share
 RESULTS = ROOT / "benchmarks" / "results" / "finetune_vs_scratch.json"
 PAPER_MODEL = ["model.name=cscnet", "model.filters=175", "model.kernel_size=11", "model.stride=8", "model.depth=12",
                "model.negative_threshold=official"]  # what `sparsefold import` wrote (its config.json)
-
-
-def sparsefold(*args: str) -> dict:
-    """Run ``python -m sparsefold ARGS``; its last stdout line is JSON."""
-    t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "sparsefold", *args], capture_output=True, text=True, cwd=ROOT)
-    if r.returncode:
-        sys.exit(f"sparsefold {' '.join(args)} failed:\n{r.stderr[-3000:]}")
-    out = json.loads(r.stdout.strip().splitlines()[-1])
-    out["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    return out
 
 
 def main() -> None:

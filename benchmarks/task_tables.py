@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from cli_run import sparsefold  # benchmarks/cli_run.py
 from PIL import Image
 
 from sparsefold.config import NoiseConfig, TaskConfig
@@ -66,17 +66,6 @@ ROWS: dict[str, tuple[list[str], float, list[str], list[str], list[str]]] = {
     "deblur_motion": (["task.kind=deblur", "task.kernel=motion"], 2.55, ["set12"], ["fista_tv"], ["pgnet"]),
     "inpaint_50": (["task.kind=inpaint", "task.keep=0.5"], 2.55, ["set12"], ["zero_filled", "fista_tv"], ["pgnet"]),
 }
-
-
-def sparsefold(*args: str) -> dict:
-    """Run ``python -m sparsefold ARGS``; its last stdout line is JSON."""
-    t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "sparsefold", *args], capture_output=True, text=True, cwd=ROOT)
-    if r.returncode:
-        sys.exit(f"sparsefold {' '.join(args)} failed:\n{r.stderr[-3000:]}")
-    out = json.loads(r.stdout.strip().splitlines()[-1])
-    out["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    return out
 
 
 def test_sets(work: Path) -> dict[str, Path]:
