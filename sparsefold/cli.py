@@ -195,7 +195,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from sparsefold.datasets import list_images
     from sparsefold.models import count_parameters
     from sparsefold.trainers.checkpoint import load_model
-    from sparsefold.trainers.evaluate import evaluate_images, evaluate_task
+    from sparsefold.trainers.evaluate import evaluate_on_task
 
     if a.images < 0:
         raise InputError(f"--images: must be >= 0 (0: all), got {a.images}")
@@ -207,11 +207,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     gray = meta["model"].get("channels", 1) == 1
     noise = noise_for(a, meta)
     task = dataclass_from_dict(TaskConfig, meta.get("run", {}).get("task", {}), "task")  # what it was trained for
-    if task.kind == "denoise":
-        res = evaluate_images(model, files, noise, gray=gray, seed=a.seed, blind=a.blind, max_memory=a.max_memory,
-                              convention=a.convention, progress=progress_bar(a, len(files), "evaluate"))
-    else:  # a restoration model: its training task's operator, the restoration convention (trainers/evaluate.py)
-        res = evaluate_task(model, files, task, noise, gray=gray, seed=a.seed)
+    res = evaluate_on_task(model, files, task, noise, gray=gray, seed=a.seed, blind=a.blind, max_memory=a.max_memory,
+                           convention=a.convention, progress=progress_bar(a, len(files), "evaluate"))
     out = {k: res[k] for k in ("psnr", "ssim", "images", "sec_per_image", "cpu_sec_per_image", "input_psnr")}
     out["task"] = task.kind
     out.update(params=count_parameters(model), model=meta["model"]["name"], checkpoint=meta["path"],

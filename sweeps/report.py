@@ -5,7 +5,8 @@ on one forward pass of a fixed-size image (matmuls and convolutions, 2 FLOPs per
 elementwise ops such as soft thresholds are not counted) divided by its pixels; median CPU (and GPU when
 available) latency of that forward pass; steps trained (to the last validation report Tune received);
 best validation PSNR; and the test PSNR (BSD68 by default) of the trial's best checkpoint, by the shared
-convention (:func:`sparsefold.trainers.evaluate.evaluate_images`, noise seeded once, clipped output).
+convention (:func:`sparsefold.trainers.evaluate.evaluate_on_task`: noise seeded once, clipped output; a
+restoration sweep's trials on their task's measurements).
 
 Pareto front: the trials no other trial beats on both axes (cost lower or equal, PSNR higher or equal,
 one strictly). Plotted as PSNR vs parameters and PSNR vs latency, with horizontal lines for DnCNN-S and
@@ -156,7 +157,7 @@ def build_rows(sweep_dir: Path, spec: SweepSpec, test_files: list[Path], size: i
     """One row per trial (best checkpoint, cost, test PSNR); ``progress`` wraps the trial loop (a CLI bar)."""
     from sparsefold.models import build_model, count_parameters
     from sparsefold.trainers.checkpoint import load_model
-    from sparsefold.trainers.evaluate import evaluate_images
+    from sparsefold.trainers.evaluate import evaluate_on_task
 
     cache: dict[str, tuple] = {}
     rows = []
@@ -174,7 +175,8 @@ def build_rows(sweep_dir: Path, spec: SweepSpec, test_files: list[Path], size: i
         params, flops, cpu_ms, gpu_ms = cache[key]
         test = None
         if ckpt and test_files:
-            test = evaluate_images(model.cpu(), test_files, cfg.noise, gray=cfg.data.gray, with_ssim=False)["psnr"]
+            test = evaluate_on_task(model.cpu(), test_files, cfg.task, cfg.noise, gray=cfg.data.gray,
+                                    with_ssim=False)["psnr"]  # a restoration sweep: on its task
         rows.append({**t, "model": cfg.model.name, "n_params": params, "flops_per_pixel": round(flops, 1),
                      "cpu_ms": round(cpu_ms, 2), "gpu_ms": round(gpu_ms, 3) if gpu_ms is not None else None,
                      "test_psnr": round(test, 3) if test is not None else None,

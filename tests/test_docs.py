@@ -37,7 +37,8 @@ from sparsefold.launch import check_sweep, check_train
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 PAGES = sorted(DOCS.glob("*.md"))
-WORKFLOW_PAGES = ("local-run.md", "ray-cluster.md", "kuberay.md", "sweeps.md", "import-weights.md", "python-api.md")
+WORKFLOW_PAGES = ("local-run.md", "ray-cluster.md", "kuberay.md", "sweeps.md", "import-weights.md", "python-api.md",
+                  "restoration.md")
 REPO_PATH = re.compile(r"^(?:cluster|sparsefold|sweeps|examples|docs|benchmarks|models|datasets|trainers)/")
 OPERATORS = {"|", "||", "&&", ";", "&", ">", ">>", "<", "<<", "2>", "&>", "|&"}
 REDIRECTS = {">", ">>", "<", "2>", "&>"}

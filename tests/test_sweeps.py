@@ -120,6 +120,11 @@ def test_packaged_specs_validate_and_make_trial_configs(tmp_path):
     assert Path(cfg.data.train).is_absolute() and Path(cfg.data.val).is_absolute()  # trial workers chdir
     loss = load_spec(ROOT / "sweeps" / "cscnet_depth_dict_loss.yaml", [f"storage={tmp_path}"])
     assert loss.search.kind == "optuna" and loss.num_trials == 24
+    task = load_spec("pgnet_task_depth_dict_loss", [f"storage={tmp_path}", "task.kind=deblur", "name=deblur"])
+    cfg = task.trial_config({"model.depth": 4, "model.filters": 16, "loss.kind": "l1"}, "abc_00002")
+    assert (cfg.model.name, cfg.task.kind, cfg.loss.kind, cfg.wandb.group) == ("pgnet", "deblur", "l1", "deblur")
+    with pytest.raises(ConfigError, match=r"^space.loss.kind: value .multilayer."):  # pgnet: no layers
+        load_spec("pgnet_task_depth_dict_loss", [f"storage={tmp_path}", "space.loss.kind={choice: [mse, multilayer]}"])
 
 
 def test_tuner_parts_use_ray_tune_searchers_and_asha(tmp_path):

@@ -181,6 +181,16 @@ def evaluate_images(
     return res
 
 
+def evaluate_on_task(model: nn.Module, files: list[Path], task: TaskConfig, noise: NoiseConfig, gray: bool = True,
+                     device: torch.device | str = "cpu", seed: int = 0, with_ssim: bool = True,
+                     keep_first: bool = False, **denoising: Any) -> dict:
+    """The one choice between the two conventions: :func:`evaluate_images` for ``task.kind=denoise`` (with
+    ``denoising``'s options: blind, max_memory, convention, progress), :func:`evaluate_task` for the others."""
+    if task.kind == "denoise":
+        return evaluate_images(model, files, noise, gray, device, seed, with_ssim, keep_first, **denoising)
+    return evaluate_task(model, files, task, noise, gray, device, seed, with_ssim, keep_first)
+
+
 def denoise_path(model: nn.Module, pairs: list[tuple[Path, Path]], gray: bool = True, device: str = "cpu",
                  sigma: float | None = None, adapt: Callable[[nn.Module, Tensor], nn.Module] | None = None,
                  max_memory: int | None = None, progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,

@@ -56,7 +56,7 @@ from sparsefold.trainers.checkpoint import (
     save_checkpoint,
 )
 from sparsefold.trainers.console import Terminal, say, sink
-from sparsefold.trainers.evaluate import evaluate_images, evaluate_task
+from sparsefold.trainers.evaluate import evaluate_on_task
 from sparsefold.trainers.losses import Objective
 from sparsefold.trainers.provenance import code_version, file_set
 from sparsefold.trainers.runlock import run_lock
@@ -519,9 +519,7 @@ def validate(run: Run) -> dict[str, float]:
     """Rank 0: score the validation images; log PSNR/SSIM, a per-image PSNR table, code sparsity, unfolding
     parameters and image panels; print one line. Returns the ``val/*`` metrics."""
     model, cfg, step = run.model, run.cfg, run.state.step
-    res = evaluate_images(model, run.val, cfg.noise, cfg.data.gray, run.rt.device, with_ssim=True, keep_first=True) \
-        if cfg.task.kind == "denoise" else \
-        evaluate_task(model, run.val, cfg.task, cfg.noise, cfg.data.gray, run.rt.device, keep_first=True)
+    res = evaluate_on_task(model, run.val, cfg.task, cfg.noise, cfg.data.gray, run.rt.device, keep_first=True)
     metrics = {"val/psnr": res["psnr"], "val/ssim": res["ssim"], "val/input_psnr": res["input_psnr"]}
     if isinstance(model, CodeSparsity):
         sp = model.code_sparsity(res["first"][0].unsqueeze(0).to(run.rt.device))
@@ -575,7 +573,7 @@ def finish(run: Run, unreadable: int) -> dict[str, Any]:
         run.bar.close()
     s, metrics = run.state, run.state.metrics
     if run.main and not metrics and run.val:
-        res = evaluate_images(run.model, run.val, run.cfg.noise, run.cfg.data.gray, run.rt.device)
+        res = evaluate_on_task(run.model, run.val, run.cfg.task, run.cfg.noise, run.cfg.data.gray, run.rt.device)
         metrics = {"val/psnr": res["psnr"], "val/ssim": res["ssim"]}
     run.tracker.finish()
     return {"checkpoint": str(run.last_ckpt) if run.last_ckpt else None, "run_dir": str(run.run_dir), "steps": s.step,
