@@ -182,13 +182,17 @@ def main() -> None:
 
 
 def markdown(rows: dict) -> str:
-    lines = []
+    """One table: a line per (row, test set), PSNR / SSIM per method (— where a method does not apply), and
+    the steps each learned model trained in its budget."""
+    methods = [m for m in ("zero_filled", "bicubic", "fista_tv", "admmnet", "pgnet", "vdsr")
+               if any(m in cell for row in rows.values() for cell in row["scores"].values())]
+    lines = ["| task | test set | σ | " + " | ".join(methods) + " | steps in the budget |",
+             "|" + "---|" * (len(methods) + 4)]
     for name, row in rows.items():
+        steps = ", ".join(f"{m} {t['steps']}" for m, t in row["train"].items())
         for ds, cell in row["scores"].items():
-            cols = list(cell)
-            lines += [f"\n{name} on {ds} (σ={row['sigma']}, {row['budget_cpu_seconds']:.0f} CPU-s per learned model)",
-                      "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols),
-                      "| " + " | ".join(f"{cell[c]['psnr']:.2f} / {cell[c]['ssim']:.3f}" for c in cols) + " |"]
+            scores = [f"{cell[m]['psnr']:.2f} / {cell[m]['ssim']:.3f}" if m in cell else "—" for m in methods]
+            lines.append(f"| {name} | {ds} | {row['sigma']:g} | " + " | ".join(scores) + f" | {steps} |")
     return "\n".join(lines)
 
 
