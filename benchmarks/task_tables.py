@@ -172,8 +172,8 @@ def train(entry: str, task: list[str], sigma: float, budget: float, work: Path, 
     model, _, domain = entry.partition("@")
     run = work / "runs" / f"{name}-{entry.replace('@', '-')}"
     if domain == "ellipses":
-        train_dir, val_dir = ellipse_phantoms(work / "ellipses" / "train", 200, 0), \
-            ellipse_phantoms(work / "ellipses" / "val", 4, 1)
+        train_dir, val_dir = ellipse_phantoms(work / "ellipse_phantoms" / "train", 200, 0), \
+            ellipse_phantoms(work / "ellipse_phantoms" / "val", 4, 1)
     else:
         train_dir, val_dir = DATA / "train400", DATA / "bsd432"
     over = [f"model.name={model}", *MODEL[model], *task, f"noise.sigma={sigma}",
