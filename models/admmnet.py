@@ -46,7 +46,8 @@ Symbol → attribute (n = 1..N_s; X has N_s + 1 layers):
 Default (the paper's Generic-ADMM-Net, official code InitNet.m / config.m): N_s = 15 stages, L = 8 filters
 3×3, N = 101 points on [−1, 1]; init γ = ω = the identity (H_l, D_l the DCT atoms), ρ = 0.2, η = 1.6,
 q = S_0.05 (off the 0.02 grid: its interpolant). Parameters: (N_s + 1)·L·(k² − 1 + 1) + N_s·L·(k² − 1 + N + 1)
-= 16·72 + 15·880 = 14,352.
+= 16·72 + 15·880 = 14,352. ``filter_init="tv"`` (ours) starts instead from ADMM on anisotropic TV: H_1 = D_1 = ∂_h,
+H_2 = D_2 = ∂_v (forward differences, in the atoms' span), ρ_l = 0 for l > 2 (those atoms inert until ρ_l grows).
 
 Differences from the paper and its official (MATLAB, L-BFGS) code:
 
@@ -70,6 +71,7 @@ from sparsefold.errors import check
 from sparsefold.models.operators import MRI, Identity, Operator
 
 PINV_RTOL = 1e-6  # Eq. 1: a denominator ≤ PINV_RTOL·max is a 0 eigenvalue (pseudo-inverse)
+FILTER_INITS = ("dct", "tv")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,6 +88,7 @@ class ADMMNetConfig:
     threshold_init: float = 0.05
     rho_init: float = 0.2
     eta_init: float = 1.6
+    filter_init: str = "dct"  # "dct": the official init; "tv": anisotropic-TV ADMM (reset_parameters)
 
     def __post_init__(self) -> None:
         check(self.channels == 1, "channels", f"ADMM-Net reconstructs one channel (MRI), got {self.channels}")
@@ -97,6 +100,10 @@ class ADMMNetConfig:
         check(self.control_range > 0, "control_range", f"must be > 0, got {self.control_range}")
         check(self.threshold_init >= 0, "threshold_init", f"must be >= 0, got {self.threshold_init}")
         check(self.rho_init >= 0, "rho_init", f"must be >= 0, got {self.rho_init}")
+        check(self.filter_init in FILTER_INITS, "filter_init", f"must be one of {FILTER_INITS}, got "
+              f"{self.filter_init!r}")
+        check(self.filter_init != "tv" or self.filters >= 2, "filters",
+              f"filter_init='tv' needs >= 2 filters (∂_h, ∂_v), got {self.filters}")
 
 
 def dct_basis(k: int) -> Tensor:
@@ -146,13 +153,23 @@ class ADMMNet(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """The official init: H_l = D_l = the l-th DCT atom (γ = ω = eye(k² − 1, L)), ρ, η constant,
-        q_i = S_θ(p_i)."""
+        """The official init (``filter_init="dct"``): H_l = D_l = the l-th DCT atom (γ = ω = eye(k² − 1, L)),
+        ρ, η constant, q_i = S_θ(p_i). ``"tv"`` (ours): H_1 = D_1 = ∂_h, H_2 = D_2 = ∂_v (forward differences,
+        zero-mean: in the basis' span), ρ_l = 0 for l > 2 (their atoms kept, inert until ρ_l grows), so with
+        η = 1 a stage is one ADMM iteration on anisotropic TV, λ = θρ."""
         cfg, (S, L, m) = self.config, self.D.shape
-        eye = torch.eye(m, L).T  # (L, m); filters beyond k² − 1 are 0, as the official eye(s − 1, fN)
-        self.H.copy_(eye.expand(S + 1, L, m))
-        self.D.copy_(eye.expand(S, L, m))
+        k = cfg.kernel_size
+        coef = torch.eye(m, L).T  # (L, m); filters beyond k² − 1 are 0, as the official eye(s − 1, fN)
+        if cfg.filter_init == "tv":
+            diff = torch.zeros(2, k, k, dtype=torch.float64)
+            diff[:, k // 2, k // 2] = -1.0
+            diff[0, k // 2, k // 2 + 1] = diff[1, k // 2 + 1, k // 2] = 1.0  # x[i, j+1] − x[i, j], x[i+1, j] − x[i, j]
+            coef[:2] = torch.einsum("mij,lij->lm", self.basis, diff)  # B orthonormal: the exact coefficients
+        self.H.copy_(coef.expand(S + 1, L, m))
+        self.D.copy_(coef.expand(S, L, m))
         self.rho.fill_(cfg.rho_init)
+        if cfg.filter_init == "tv":
+            self.rho[:, 2:] = 0.0
         self.eta.fill_(cfg.eta_init)
         p = torch.linspace(-cfg.control_range, cfg.control_range, cfg.control_points, dtype=torch.float64)
         self.q.copy_((p - p.clamp(-cfg.threshold_init, cfg.threshold_init)).expand_as(self.q))

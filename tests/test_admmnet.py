@@ -235,6 +235,23 @@ def test_admm_converges_and_the_net_follows_it(kind: str) -> None:
         torch.testing.assert_close(model(y, op=op), xs[30], rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("kind", ["identity", "cartesian", "random"])
+def test_tv_init_is_admm_on_anisotropic_tv(kind: str) -> None:
+    """filter_init="tv": H_1 = D_1 = ∂_h, H_2 = D_2 = ∂_v (circular forward differences), ρ_l = 0 for the
+    other filters: 3 stages at init are 3 ADMM iterations on ½‖A x − y‖² + θρ (‖∂_h x‖₁ + ‖∂_v x‖₁)."""
+    model, op = exact(depth=3, filter_init="tv"), mri(kind)
+    f, x = model.filters(model.H[0]).detach(), image()
+    torch.testing.assert_close(circ(x, f[:2]), torch.cat((x.roll(-1, -1) - x, x.roll(-1, -2) - x), 1),
+                               rtol=0, atol=1e-7)  # γ filled in float32 before .double()
+    assert bool((model.rho[:, 2:] == 0).all() and (model.rho[:, :2] == 0.5).all())
+    assert torch.equal(model.H[:3], model.D) and torch.equal(model.H[1:], model.H[:-1])
+    y = measurement(op)
+    xs, z, _ = admm(y, op, f[:2], model.rho[0, :2].detach(), 0.03125, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(y, op=op), xs[-1], rtol=1e-10, atol=1e-12)
+    assert 0.1 < float((z == 0).double().mean()) < 0.95  # the threshold is active
+
+
 # ================================================================== shapes, gradients, operators
 
 
@@ -270,8 +287,9 @@ def test_unsupported_operators_and_sizes_are_one_line_errors() -> None:
 
 def test_config_validation_parameter_count_and_projection() -> None:
     for bad in (dict(kernel_size=4), dict(kernel_size=1), dict(depth=0), dict(channels=3), dict(filters=0),
-                dict(control_points=1), dict(control_range=0.0), dict(threshold_init=-1.0), dict(rho_init=-0.1)):
-        with pytest.raises(ConfigError, match=next(iter(bad))):
+                dict(control_points=1), dict(control_range=0.0), dict(threshold_init=-1.0), dict(rho_init=-0.1),
+                dict(filter_init="haar"), dict(filters=1, filter_init="tv")):
+        with pytest.raises(ConfigError, match="^" + next(iter(bad))):
             ADMMNetConfig(**bad)
     n = count_parameters(build_model(ADMMNetConfig()))
     assert n == MODELS["admmnet"].params == 16 * 8 * (8 + 1) + 15 * 8 * (8 + 101 + 1) == 14_352
