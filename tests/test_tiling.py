@@ -100,15 +100,17 @@ def test_denoise_tiles_under_a_budget_and_matches(monkeypatch):
 
 
 def test_cli_max_memory(tmp_path, capsys):
-    """`denoise --max-memory 8M` writes the same image as without a limit; a bad size exits 2."""
+    """`denoise --max-memory 8M` writes the same image as without a limit, up to float rounding (a tile's
+    convolutions may sum in another order: a value on a .5 boundary rounds to the next uint8 level, seen once
+    in CI under load); a bad size exits 2."""
     _, noisy = _strip(PHOTOS[1], 200, 200, True, seed=4)
     src = tmp_path / "in.png"
     Image.fromarray((noisy[0].clamp(0, 1).numpy() * 255).round().astype(np.uint8)).save(src)
     assert main(["denoise", "dncnn", str(src), str(tmp_path / "whole.png"), "--sigma", "25"]) == 0
     assert main(["denoise", "dncnn", str(src), str(tmp_path / "tiled.png"), "--sigma", "25",
                  "--max-memory", "8M"]) == 0
-    a, b = (np.asarray(Image.open(tmp_path / f)) for f in ("whole.png", "tiled.png"))
-    assert np.array_equal(a, b)
+    a, b = (np.asarray(Image.open(tmp_path / f)).astype(int) for f in ("whole.png", "tiled.png"))
+    assert np.abs(a - b).max() <= 1 and (a != b).mean() < 1e-3  # a seam error would differ by far more
     with pytest.raises(SystemExit) as e:
         main(["denoise", "dncnn", str(src), str(tmp_path / "x.png"), "--max-memory", "12X"])
     assert e.value.code == 2 and "--max-memory" in capsys.readouterr().err
