@@ -29,21 +29,10 @@ from sparsefold.models.tiling import Tiling
 from sparsefold.trainers import loop
 from sparsefold.trainers.checkpoint import load_model, save_checkpoint
 
+from model_sizes import SMALL  # tests/model_sizes.py
+
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
-SMALL: dict[str, dict[str, Any]] = {
-    "cscnet": dict(depth=3, filters=16, kernel_size=7, stride=4),
-    "dncnn": dict(depth=5, features=16),
-    "lista": dict(patch_size=4, atoms=16, depth=3, tied=False),
-    "deep_ksvd": dict(patch_size=4, atoms=16, depth=2),
-    "cdlnet": dict(depth=3, filters=8, kernel_size=5),
-    "dcea_c": dict(depth=3, filters=16, kernel_size=7, stride=4),
-    "dcea_uc": dict(depth=3, filters=16, kernel_size=7, stride=4),
-    "lidia": dict(window=7, neighbours=6, width=8, weight_layers=2),
-    "pgnet": dict(depth=3, filters=8, kernel_size=5),
-    "admmnet": dict(depth=3),
-    "vdsr": dict(depth=4, features=8),
-}
 
 UNFOLDED = {Multilayer, Deepening, HasDictionary, CodeSparsity, Tiled}
 CLAIMS: dict[str, set[type]] = {

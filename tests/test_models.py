@@ -17,20 +17,7 @@ from torch import nn
 from sparsefold.config import ConfigError, dataclass_from_dict, to_dict
 from sparsefold.models import MODELS, CSCNetConfig, DnCNNConfig, build_model, count_parameters
 
-# Small configs, so that the whole module runs in a few seconds on 2 cores.
-SMALL: dict[str, dict[str, Any]] = {
-    "cscnet": dict(depth=3, filters=16, kernel_size=7, stride=4),
-    "dncnn": dict(depth=5, features=16),
-    "lista": dict(patch_size=4, atoms=16, depth=3, tied=False),
-    "deep_ksvd": dict(patch_size=4, atoms=16, depth=2),
-    "cdlnet": dict(depth=3, filters=8, kernel_size=5),
-    "dcea_c": dict(depth=3, filters=16, kernel_size=7, stride=4),
-    "dcea_uc": dict(depth=3, filters=16, kernel_size=7, stride=4),
-    "lidia": dict(window=7, neighbours=6, width=8, weight_layers=2),
-    "pgnet": dict(depth=3, filters=8, kernel_size=5),
-    "admmnet": dict(depth=3),
-    "vdsr": dict(depth=4, features=8),
-}
+from model_sizes import SMALL  # tests/model_sizes.py
 
 # Odd sizes on purpose (not multiples of any stride), and a batch > 1.
 SHAPES = [(1, 37, 45), (2, 32, 32)]
