@@ -206,7 +206,9 @@ def pareto_plot(rows: list[dict], y: str, refs: dict[str, float], title: str, pa
             sel = [(x, v) for x, v, f in zip(xs, ys, stopped) if f == flag]
             if sel:
                 ax.scatter(*zip(*sel), c="0.5", marker=marker, s=28, label=label, zorder=2)
-        fr = sorted((x, v, r) for x, v, r, f in zip(xs, ys, pts, front) if f)
+        # by (cost, value) only: two trials of one configuration (a searcher may sample a point twice) tie on both,
+        # and their rows (dicts) do not compare
+        fr = sorted(((x, v, r) for x, v, r, f in zip(xs, ys, pts, front) if f), key=lambda t: t[:2])
         if fr:
             ax.plot([f[0] for f in fr], [f[1] for f in fr], "-o", c="tab:red", ms=7, drawstyle="steps-post",
                     label="Pareto front", zorder=3)

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from sparsefold.config import ConfigError
-from sparsefold.sweeps.report import compute_savings, pareto_front
+from sparsefold.sweeps.report import compute_savings, pareto_front, pareto_plot
 from sparsefold.sweeps.spec import load_spec, spec_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,6 +159,16 @@ def test_pareto_front_and_savings():
     assert (s["finished"], s["stopped_early"], s["errored"], s["unfinished"]) == (2, 1, 1, 1)
     # the stopped trial's 8 remaining steps at its last pace (2 steps per 4 s) would have taken 16 s more
     assert (s["trial_seconds"], s["trial_seconds_without_asha"], s["saved_seconds_fraction"]) == (44.0, 60.0, round(16 / 60, 4))
+
+
+
+def test_pareto_plot_with_two_trials_of_one_configuration(tmp_path):
+    """Optuna sampled (depth 12, filters 32, ssim_mixed) twice in a real 12-trial sweep; identical training
+    gave identical scores, and sorting the front's (cost, PSNR, row) tuples then compared the rows (dicts)."""
+    row = {"n_params": 1000, "cpu_ms": 5.0, "test_psnr": 27.6, "status": "done", "params": {"model.depth": 12}}
+    rows = [{**row, "trial": "a"}, {**row, "trial": "b"}, {**row, "n_params": 500, "cpu_ms": 2.0, "test_psnr": 27.0}]
+    pareto_plot(rows, "test_psnr", {}, "tie", tmp_path / "pareto.png")
+    assert (tmp_path / "pareto.png").stat().st_size > 0
 
 
 # ------------------------------------------------------------------ one real sweep on a local cluster
