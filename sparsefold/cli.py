@@ -368,9 +368,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 def cmd_report(a: argparse.Namespace) -> int:
     from sparsefold.sweeps.report import make_report
 
-    test_dir = None if a.no_test else a.test_dir
-    if test_dir is None and not a.no_test and Path("../shared/data/bsd68").is_dir():
-        test_dir = Path("../shared/data/bsd68")
+    test_dir = None if a.no_test else a.test_dir  # none: trials ranked by their best val PSNR
     if a.threads:
         import torch
 
@@ -513,7 +511,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_sweep)
     s = sub.add_parser("report", help="table + Pareto plot (PSNR vs parameters / latency) of a sweep")
     s.add_argument("sweep_dir", type=Path, help="the sweep's folder (the one sparsefold sweep prints)")
-    s.add_argument("--test-dir", type=Path, help="test images (default: ../shared/data/bsd68 if present)")
+    s.add_argument("--test-dir", type=Path, help="test images (default: none; trials ranked by best val PSNR)")
     s.add_argument("--no-test", action="store_true", help="skip the test-set evaluation")
     s.add_argument("--images", type=int, default=0, help="first N sorted test images (0: all)")
     s.add_argument("--size", type=int, default=256, help="side of the latency / FLOPs image")
