@@ -396,14 +396,20 @@ CHECKPOINT_HELP = ("checkpoint directory, run directory (its latest checkpoint),
 QUIET_HELP = "no progress bar (shown otherwise when stderr is a terminal)"
 
 
+def add_global_flags(p: argparse.ArgumentParser, default) -> None:
+    """--debug and --verbose, accepted before and after the command (``sparsefold --debug report ...`` and
+    ``sparsefold report ... --debug``)."""
+    p.add_argument("--debug", action="store_true", default=default,
+                   help="print the traceback of an error too (also: SPARSEFOLD_DEBUG=1)")
+    p.add_argument("--verbose", action="store_true", default=default,
+                   help="Ray runs and sweeps: Ray's own logs and warnings and every worker's output on the terminal "
+                   "too (otherwise only in the run's ray_logs/ folder; also: SPARSEFOLD_VERBOSE=1)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparsefold", description=DESCRIPTION, epilog=EPILOG)
     p.add_argument("--version", action=VersionAction, help="print the version (and git commit) and exit")
-    p.add_argument("--debug", action="store_true",
-                   help="print the traceback of an error too (also: SPARSEFOLD_DEBUG=1)")
-    p.add_argument("--verbose", action="store_true",
-                   help="Ray runs and sweeps: Ray's own logs and warnings and every worker's output on the terminal "
-                   "too (otherwise only in the run's ray_logs/ folder; also: SPARSEFOLD_VERBOSE=1)")
+    add_global_flags(p, default=False)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", help="one of:")
     s = sub.add_parser("shards", help="write WebDataset shards from an image folder")
     s.add_argument("image_dir", type=Path, help="folder of images (png/jpg/bmp/tif directly inside it)")
@@ -522,6 +528,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", "-q", action="store_true", help=QUIET_HELP)
     s.set_defaults(fn=cmd_report)
     add_launch(sub)  # sparsefold/launch.py
+    for s in sub.choices.values():  # also after the command; SUPPRESS keeps a flag given before it
+        add_global_flags(s, default=argparse.SUPPRESS)
     return p
 
 
@@ -557,7 +565,7 @@ def error_line(e: Exception, command: str) -> tuple[int, str]:
         return 2, f"error: {msg}"
     if isinstance(e, OSError):  # an I/O failure of a started command (disk full, network file system)
         return 1, f"error: {msg}"
-    return 1, f"internal error: {type(e).__name__}: {msg} (a bug: run with --debug for the traceback and report it)"
+    return 1, f"internal error: {type(e).__name__}: {msg} (a bug: run again with --debug for the traceback and report it)"
 
 
 def complete(p: argparse.ArgumentParser) -> None:

@@ -137,7 +137,7 @@ def _oom() -> BaseException:
     (_oom, 1, "error: out of memory (CUDA out of memory. Tried to allocate 20.00 GiB); use smaller inputs"),
     (lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: 4 GB"),
      1, "error: out of memory ("),
-    (lambda: KeyError("oops"), 1, "internal error: KeyError: 'oops' (a bug: run with --debug"),
+    (lambda: KeyError("oops"), 1, "internal error: KeyError: 'oops' (a bug: run again with --debug"),
 ])
 def test_every_failure_is_one_line_with_its_exit_code(make, code, start, monkeypatch, capsys):
     monkeypatch.delenv("SPARSEFOLD_DEBUG", raising=False)
@@ -154,12 +154,12 @@ def test_out_of_memory_in_train_names_the_batch_settings(monkeypatch, capsys, tm
     assert "lower data.batch_size or data.patch_size" in one_line(capsys.readouterr().err)
 
 
-@pytest.mark.parametrize("how", ["flag", "env"])
+@pytest.mark.parametrize("how", ["flag", "after", "env"])
 def test_debug_adds_the_traceback(how, monkeypatch, capsys):
     monkeypatch.setattr(cli, "cmd_models", _raise(KeyError("oops")))
     if how == "env":
         monkeypatch.setenv("SPARSEFOLD_DEBUG", "1")
-    assert main(["--debug", "models"] if how == "flag" else ["models"]) == 1
+    assert main({"flag": ["--debug", "models"], "after": ["models", "--debug"], "env": ["models"]}[how]) == 1
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and "KeyError: 'oops'" in err
     assert err.strip().splitlines()[-1].startswith("internal error: KeyError")
