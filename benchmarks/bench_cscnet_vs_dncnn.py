@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--patch", type=int, default=128)
     p.add_argument("--train-steps", type=int, default=5, help="timed Adam steps (after 1 warm-up)")
     p.add_argument("--skip-train", action="store_true", help="inference only")
+    p.add_argument("--gemm-floor", action="store_true",
+                   help="also time CSCNet's GEMMs alone (GemmFloor), alternated with the models")
     p.add_argument("--cscnet-ckpt", default="", help="optional state_dict (.pt/.pth/.safetensors) for CSCNet")
     p.add_argument("--dncnn-ckpt", default="", help="optional state_dict (.pt/.pth/.safetensors) for DnCNN")
     return p.parse_args(argv)
@@ -92,6 +94,43 @@ def train_macs(m: dict[str, float]) -> float:
     """Forward + backward: every GEMM/conv needs a weight gradient (same cost as its forward) and an input
     gradient, except the first one, whose input (the noisy image) does not require a gradient."""
     return 3 * m["forward"] - m["first_analysis"]
+
+
+class GemmFloor:
+    """CSCNet's GEMMs and nothing else: the 2T products of one forward (``train=True``: and the 2T weight
+    gradients and 2T−1 input gradients of the backward) as single ``torch.mm`` calls on operands laid out
+    beforehand (no im2col/col2im, no soft threshold, no allocation), at the shapes of an image of h×w.
+
+    Any implementation of the paper model that computes its convolutions as GEMMs takes at least this long on
+    this BLAS, so "CSCNet no slower than DnCNN" needs this floor below DnCNN's whole forward, in the same run.
+    Operands are made per distinct shape on first use (warm-up image / step: outside the timed calls)."""
+
+    def __init__(self, cfg: Any, train: bool = False) -> None:
+        self.cfg, self.train = cfg, train
+        self.operands: dict[int, tuple[Any, ...]] = {}
+
+    def __call__(self, h: int, w: int, batch: int = 1) -> None:
+        import torch
+
+        cfg = self.cfg
+        g = cscnet_geometry(h, w, cfg.kernel_size, cfg.stride)
+        positions = batch * cfg.stride**2 * g["code_h"] * g["code_w"]
+        if positions not in self.operands:
+            taps, k_ = cfg.channels * cfg.kernel_size**2, cfg.filters
+            self.operands[positions] = (torch.rand(k_, taps), torch.rand(taps, positions), torch.rand(k_, positions),
+                                        torch.empty(k_, positions), torch.empty(taps, positions),
+                                        torch.empty(k_, taps))
+        wb, cols, codes, out_codes, out_cols, out_w = self.operands[positions]
+        for _ in range(cfg.depth):  # forward: B (analysis) and A / C (synthesis), T each
+            torch.mm(wb, cols, out=out_codes)
+            torch.mm(wb.t(), codes, out=out_cols)
+        if self.train:  # backward: a weight gradient per product, an input gradient for all but the first B
+            for i in range(cfg.depth):
+                torch.mm(codes, cols.t(), out=out_w)
+                torch.mm(codes, cols.t(), out=out_w)
+                torch.mm(wb.t(), codes, out=out_cols)
+                if i:
+                    torch.mm(wb, cols, out=out_codes)
 
 
 # ------------------------------------------------------------------ helpers
@@ -152,11 +191,16 @@ def rate(flops: float, seconds: float) -> dict[str, float]:
 # ------------------------------------------------------------------ the two measurements
 
 
-def bench_inference(models: dict[str, Any], noisy: list[Any], clean: list[Any]) -> dict[str, Any]:
+def bench_inference(models: dict[str, Any], noisy: list[Any], clean: list[Any],
+                    floor: GemmFloor | None = None) -> dict[str, Any]:
     import torch
 
     res: dict[str, Any] = {}
     with torch.inference_mode():
+        if floor is not None:
+            for y in noisy:  # operands for every image shape, before any timing
+                floor(*y.shape[-2:])
+            res["cscnet_gemm_floor"] = dict(seconds=[])
         for name, (model, _, macs_fn) in models.items():  # warm-up on image 0, FLOPs counted by torch
             model.eval()
             rss0 = peak_rss_mb()
@@ -171,6 +215,8 @@ def bench_inference(models: dict[str, Any], noisy: list[Any], clean: list[Any]) 
                 t, out = timed(lambda: model(y[None]))
                 res[name]["seconds"].append(t)
                 res[name]["psnr_db"].append(psnr(out[0], x))
+            if floor is not None:
+                res["cscnet_gemm_floor"]["seconds"].append(timed(lambda: floor(*y.shape[-2:]))[0])
             print(f"  image {i + 1}/{len(noisy)} {tuple(y.shape[-2:])}: "
                   + "  ".join(f"{n} {res[n]['seconds'][-1]:.3f}s" for n in models), flush=True)
     for name, (_, _, macs_fn) in models.items():
@@ -181,6 +227,10 @@ def bench_inference(models: dict[str, Any], noisy: list[Any], clean: list[Any]) 
         r["mean_psnr_db"] = statistics.fmean(r["psnr_db"])
         r.update(rate(sum(flops) / len(flops), statistics.fmean(r["seconds"])))
         r["arithmetic_lower_bound_s"] = statistics.median(flops) / (GEMM_FP32_GFLOPS * 1e9)
+    if floor is not None:
+        r = res["cscnet_gemm_floor"]
+        r["median_s"] = statistics.median(r["seconds"])
+        r["over_dncnn"] = r["median_s"] / res["dncnn"]["median_s"]
     return res
 
 
@@ -194,10 +244,16 @@ def train_step(model: Any, opt: Any, yb: Any, xb: Any) -> float:
     return float(loss.detach())
 
 
-def bench_training(models: dict[str, Any], yb: Any, xb: Any, steps: int) -> dict[str, Any]:
+def bench_training(models: dict[str, Any], yb: Any, xb: Any, steps: int,
+                   floor: GemmFloor | None = None) -> dict[str, Any]:
     import torch
 
     res: dict[str, Any] = {}
+    if floor is not None:
+        args = (yb.shape[-2], yb.shape[-1], yb.shape[0])
+        floor(*args)  # operands and a warm-up
+        times = [timed(lambda: floor(*args))[0] for _ in range(steps)]
+        res["cscnet_gemm_floor"] = dict(seconds=times, median_s=statistics.median(times))
     for name, (_, build, macs_fn) in models.items():
         model = build().train()  # a fresh copy: the inference model is left untouched
         opt = torch.optim.Adam(model.parameters(), lr=1e-4, eps=1e-3)
@@ -212,6 +268,8 @@ def bench_training(models: dict[str, Any], yb: Any, xb: Any, steps: int) -> dict
         med = statistics.median(times)
         res[name] = dict(warmup_s=t_warm, seconds=times, median_s=med, gflop_per_step=analytic / 1e9,
                          counted_gflop_warmup_step=flops / 1e9, **rate(analytic, med))
+    if floor is not None:
+        res["cscnet_gemm_floor"]["over_dncnn"] = res["cscnet_gemm_floor"]["median_s"] / res["dncnn"]["median_s"]
     return res
 
 
@@ -271,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
           f"sigma {args.sigma:g}, load average at start {load_start[0]:.2f}")
 
     print("inference (torch.inference_mode, 1 warm-up image, models alternate per image):")
-    inf = bench_inference(models, noisy, clean)
+    inf = bench_inference(models, noisy, clean, GemmFloor(csc_cfg) if args.gemm_floor else None)
 
     train: dict[str, Any] = {}
     if not args.skip_train:
@@ -286,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         yb = xb + args.sigma / 255.0 * torch.randn(xb.shape, generator=g)
         print(f"training step (Adam, MSE, batch {args.train_batch}×{args.patch}², median of {args.train_steps} "
               "after 1 warm-up):")
-        train = bench_training(models, yb, xb, args.train_steps)
+        train = bench_training(models, yb, xb, args.train_steps,
+                               GemmFloor(csc_cfg, train=True) if args.gemm_floor else None)
 
     load_end = os.getloadavg()
     report = report_table(inf, train, {n: count_parameters(m[0]) for n, m in models.items()}, weights)
@@ -348,11 +407,16 @@ def report_table(inf: dict[str, Any], train: dict[str, Any], params: dict[str, i
         ("  peak RSS MB after warm-up", f"{c['peak_rss_mb_after_warmup']:.0f}",
          f"{d['peak_rss_mb_after_warmup']:.0f}", ""),
     ]
+    if "cscnet_gemm_floor" in inf:
+        f = inf["cscnet_gemm_floor"]
+        rows.insert(3, ("  CSCNet's GEMMs alone (floor)", f"{f['median_s']:.3f}", "", f"{f['over_dncnn']:.2f}"))
     if train:
         tc, td = train["cscnet"], train["dncnn"]
         rows += [
             ("train step: median s", f"{tc['median_s']:.3f}", f"{td['median_s']:.3f}",
              f"{tc['median_s'] / td['median_s']:.2f}"),
+            *([("  CSCNet's GEMMs alone (floor)", f"{train['cscnet_gemm_floor']['median_s']:.3f}", "",
+                f"{train['cscnet_gemm_floor']['over_dncnn']:.2f}")] if "cscnet_gemm_floor" in train else []),
             ("  GFLOP / step (analytic)", f"{tc['gflop_per_step']:.1f}", f"{td['gflop_per_step']:.1f}", ""),
             ("  GFLOP warm-up step: counted", f"{tc['counted_gflop_warmup_step']:.1f}",
              f"{td['counted_gflop_warmup_step']:.1f}", ""),

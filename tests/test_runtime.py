@@ -4,6 +4,7 @@ with CUDA monkeypatched, no GPU needed). Where a run's files go: tests/test_stor
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import pytest
 import torch
@@ -51,6 +52,7 @@ def test_cpu_default_is_fp32_gloo(monkeypatch):
     ("auto", None, None),
 ])
 def test_cpu_bf16_opt_in(monkeypatch, precision, env, dtype):
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)  # the warning without it: next test
     if env is None:
         monkeypatch.delenv("SPARSEFOLD_CPU_BF16", raising=False)
     else:
@@ -61,6 +63,18 @@ def test_cpu_bf16_opt_in(monkeypatch, precision, env, dtype):
         with rt.autocast():
             y = nn.Linear(4, 4)(torch.ones(2, 4))
         assert y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_bf16_without_native_support_warns(monkeypatch, native):
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert select_runtime(False, "bf16").amp_dtype == torch.bfloat16  # still what was asked for
+    assert [str(w.message) for w in seen if "without native bf16" in str(w.message)] == ([] if native else [
+        f"runtime.precision=bf16 on a CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()}): bf16 "
+        "matmuls and convolutions are emulated, 2-300x slower than fp32 (measured on an AVX2 host); use "
+        "runtime.precision=fp32"])
 
 
 def test_cpu_refuses_fp16_and_unknown_precision():
