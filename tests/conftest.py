@@ -75,7 +75,7 @@ def tiny_overrides(tmp_path, cache_dir) -> list[str]:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """ONE local Ray cluster (2 CPUs, with the dashboard that sweeps need) for every test that needs one,
+    """ONE local Ray cluster per test process (2 CPUs, with the dashboard that sweeps need) for its tests,
     started when the first asks (they run last: :func:`pytest_collection_modifyitems`). What the Train
     controllers and workers read at start is set here, before Ray starts (Ray Train propagates the
     ``RAY_TRAIN_*`` variables of the driver): the health-check interval, no preemption watcher (one actor
@@ -130,22 +130,29 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("bundled_name", bundled_once())
 
 
-RAY_FIXTURES = {"ray_cluster", "ddp_run"}  # the session's Ray cluster, and the DDP run made on it
+def ray_group(item: pytest.Item) -> str | None:
+    """The pytest-xdist group of a test on a Ray cluster: ``ray-ddp`` for the users of the session's DDP run
+    (made once, in one process), ``ray`` for the other tests on a cluster; None without Ray."""
+    names = set(getattr(item, "fixturenames", ()))
+    return "ray-ddp" if "ddp_run" in names else "ray" if "ray_cluster" in names else None
 
 
 def uses_ray(item: pytest.Item) -> bool:
-    return bool(RAY_FIXTURES & set(getattr(item, "fixturenames", ())))
+    return ray_group(item) is not None
 
 
 def pytest_itemcollected(item: pytest.Item) -> None:
-    """Tests on the shared Ray cluster form one pytest-xdist group: with the README's ``pytest -n 2
-    --dist loadgroup`` they all run on one worker (one cluster), beside the rest on the other."""
-    if uses_ray(item):
-        item.add_marker(pytest.mark.xdist_group("ray"))
+    """Tests on a Ray cluster form two pytest-xdist groups (:func:`ray_group`): with the README's ``pytest -n 2
+    --dist loadgroup`` each group runs in one process on its own local cluster, the two side by side (a Ray
+    fit is mostly process start-up and waiting; one group alone was the suite's critical path), and the
+    rest fills in around them."""
+    group = ray_group(item)
+    if group is not None:
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Order: under xdist the Ray group first (it is the longest unit of work: started first, it ends with
+    """Order: under xdist the Ray groups first (the longest units of work: started first, they end with
     the rest); in one process Ray tests last (stable order otherwise): the cluster starts once, and no
     other test shares the cores with its idle processes or sees Ray already initialized."""
     grouped = bool(config.getvalue("loadgroup")) if hasattr(config.option, "loadgroup") else False

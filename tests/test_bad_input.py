@@ -60,7 +60,11 @@ def one_error_line(err: str) -> str:
     ("empty_list", "data.train: no shards in ','"),
     ("too_few", "data.train: 3 shards < ranks × workers (2 × 2); write more shards"),
 ])
-def test_data_errors_fail_before_ray_starts(case, expected, fast, tmp_path, capsys):
+def test_data_errors_fail_before_ray_starts(case, expected, fast, tmp_path, capsys, monkeypatch):
+    import ray  # this test process may hold the session's cluster (tests/conftest.py): Ray as if it had none,
+    inits = []  # and any start of one recorded
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: inits.append(a or k))
     train_spec = {"missing": str(tmp_path / "nope"), "empty_dir": str(tmp_path / "empty"), "empty_list": ","}
     (tmp_path / "empty").mkdir()
     if case == "too_few":
@@ -69,8 +73,7 @@ def test_data_errors_fail_before_ray_starts(case, expected, fast, tmp_path, caps
                    "data.num_workers=2"]
     assert main(["train", *args]) == 2
     assert expected in one_error_line(capsys.readouterr().err)
-    ray = sys.modules.get("ray")
-    assert ray is None or not ray.is_initialized()  # the driver never started a cluster
+    assert inits == []  # the driver never started a cluster
 
 
 def test_missing_data_path_plain_run(fast, tmp_path, capsys):
