@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsefold.errors import InputError
+from sparsefold.models import operators
 from sparsefold.models.operators import (
     MRI,
     OPERATORS,
@@ -107,6 +108,22 @@ def test_norm_is_the_dense_operator_norm(kind: str) -> None:
     op, n = build(kind, shape), 144
     columns = op.A(torch.eye(n, dtype=f64).reshape(n, *shape[1:])).reshape(n, -1)
     assert op.norm(shape) == pytest.approx(float(torch.linalg.matrix_norm(columns, 2)) ** 2, rel=1e-6)
+
+
+def test_reflect_blur_norm_is_computed_once_per_kernel_and_shape(monkeypatch) -> None:
+    """PGNet asks for ‖A‖₂² on every forward; the reflect blur's power method (seconds) runs once per kernel
+    and image shape, and its value is the power method's."""
+    calls = []
+    monkeypatch.setattr(operators, "_REFLECT_NORMS", {})
+    monkeypatch.setattr(operators, "power_norm", lambda op, shape: calls.append(shape) or power_norm(op, shape))
+    k = random_kernels(2, 5, 0)
+    s = (2, 1, 16, 12)
+    first = Blur(k, "reflect").norm(s)
+    assert first == power_norm(Blur(k, "reflect"), s) and len(calls) == 1
+    assert Blur(k.clone(), "reflect").norm(s) == first and len(calls) == 1  # another tensor, equal values: a hit
+    Blur(k, "reflect").norm((2, 1, 16, 14))
+    Blur(random_kernels(2, 5, 1), "reflect").norm(s)
+    assert len(calls) == 3
 
 
 def test_norm_special_cases() -> None:
