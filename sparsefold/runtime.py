@@ -149,8 +149,12 @@ def select_runtime(
 
 
 def cpu_has_native_bf16() -> bool:
-    """oneDNN's bf16 kernels run natively (AVX-512 BF16 or AMX); elsewhere bf16 is emulated and slow."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """oneDNN's bf16 kernels run natively (AVX-512 BF16 or AMX); elsewhere bf16 is emulated and slow. False
+    where torch has no oneDNN query (a build without it)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def runtime_for(config: RuntimeConfig, local_rank: int = 0) -> Runtime:
