@@ -95,6 +95,12 @@ def conv_synthesis(codes: Tensor, weight: Tensor, stride: int, out_hw: tuple[int
 _POWER_CACHE: dict[tuple, float] = {}
 
 
+def value_key(t: Tensor) -> tuple:
+    """A memo key for a tensor by its values (shape and the SHA-1 of its float64 bytes), on any device."""
+    v = t.detach().to("cpu", torch.float64).contiguous()
+    return tuple(v.shape), hashlib.sha1(v.numpy().tobytes()).hexdigest()
+
+
 def power_method(weight: Tensor, stride: int, size: int = 128, iters: int = 500, seed: int = 0,
                  tol: float = 1e-5) -> float:
     """Largest eigenvalue L = ‖A‖₂² of AᵀA for the strided pair of ``weight``, by power iteration on a
@@ -102,10 +108,9 @@ def power_method(weight: Tensor, stride: int, size: int = 128, iters: int = 500,
     stops when the Rayleigh quotient changes by less than ``tol`` (relative; it converges from below,
     1e-5 puts L within ~0.3 % for random banks) or after ``iters`` iterations. Memoized on the weights'
     bytes: building the same config again (tests, checkpoint loading) does not repeat it."""
-    w_cpu = weight.detach().to("cpu", torch.float64).contiguous()
-    key = (tuple(w_cpu.shape), stride, size, iters, seed, tol, hashlib.sha1(w_cpu.numpy().tobytes()).hexdigest())
+    key = (value_key(weight), stride, size, iters, seed, tol)
     if key not in _POWER_CACHE:
-        _POWER_CACHE[key] = _power_method(w_cpu, stride, size, iters, seed, tol)
+        _POWER_CACHE[key] = _power_method(weight, stride, size, iters, seed, tol)
     return _POWER_CACHE[key]
 
 

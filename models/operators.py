@@ -29,7 +29,6 @@ For a batch, A is block-diagonal over the samples: ‖A‖₂² is the max over 
 
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import ClassVar
 
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparsefold.errors import check
+from sparsefold.models.convops import value_key
 
 Shape = tuple[int, ...]
 BOUNDARIES = ("circular", "reflect")
@@ -236,8 +236,7 @@ class Blur(Operator):
         39 for one 321×481 image), memoized: a model calls it on every forward."""
         self._check(x_shape)
         if self.boundary == "reflect":
-            k = self.kernel.detach().to("cpu", torch.float64).contiguous()
-            key = (tuple(k.shape), hashlib.sha1(k.numpy().tobytes()).hexdigest(), tuple(x_shape))
+            key = (value_key(self.kernel), tuple(x_shape))
             if key not in _REFLECT_NORMS:
                 if len(_REFLECT_NORMS) >= REFLECT_NORMS_KEPT:
                     del _REFLECT_NORMS[next(iter(_REFLECT_NORMS))]  # the oldest
