@@ -161,7 +161,6 @@ def test_pareto_front_and_savings():
     assert (s["trial_seconds"], s["trial_seconds_without_asha"], s["saved_seconds_fraction"]) == (44.0, 60.0, round(16 / 60, 4))
 
 
-
 def test_pareto_plot_with_two_trials_of_one_configuration(tmp_path):
     """Optuna sampled (depth 12, filters 32, ssim_mixed) twice in a real 12-trial sweep; identical training
     gave identical scores, and sorting the front's (cost, PSNR, row) tuples then compared the rows (dicts)."""
